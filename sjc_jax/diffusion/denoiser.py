@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
@@ -50,3 +51,51 @@ class Denoiser:
     feature_space: str
     decode: DecodeFn
     name: str = "denoiser"
+
+
+# Conversions from a variance-preserving (VP, DDPM) model to the VE denoiser. With
+# ``a = 1 / sqrt(1 + sigma^2)`` and ``s = sigma a`` (so ``a^2 + s^2 = 1``), the VP input of the VE
+# image ``z = y + sigma n`` is ``x = a z = a y + s n``. Model outputs, for a clean estimate ``y0``:
+#   epsilon:       eps                      (the noise n)
+#   v_prediction:  v = a eps - s y0  =>  eps = s x + a v,  y0 = a x - s v
+#   sample:        y0                   =>  eps = (x - a y0) / s
+# and the VE denoiser is ``D = z - sigma eps`` (equal to y0). Each map is affine in the model
+# output, so classifier-free guidance gives the same D before or after the conversion.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def vp_coefficients(sigma: Array) -> tuple[Array, Array]:
+    """``(a, s) = (1 / sqrt(1 + sigma^2), sigma / sqrt(1 + sigma^2))``, the VP scales of a level."""
+    a = jax.lax.rsqrt(1.0 + jnp.square(sigma))
+    return a, sigma * a
+
+
+def _per_image(sigma: Array, like: Array) -> Array:
+    """``sigma [B]`` (or a scalar) broadcast against images ``like [B, H, W, C]``."""
+    sigma = jnp.asarray(sigma, like.dtype)
+    return jnp.reshape(sigma, sigma.shape + (1,) * (like.ndim - sigma.ndim))
+
+
+def model_output_to_eps(output: Array, x_vp: Array, sigma: Array, prediction_type: str) -> Array:
+    """The noise estimate eps ``[B, H, W, C]`` of a VP model's ``output [B, H, W, C]``.
+
+    ``x_vp [B, H, W, C]`` is the model's input, ``sigma [B]`` the VE level (see the table above).
+    """
+    if prediction_type == "epsilon":
+        return output
+    a, s = vp_coefficients(_per_image(sigma, x_vp))
+    if prediction_type == "v_prediction":
+        return s * x_vp + a * output
+    if prediction_type == "sample":
+        return (x_vp - a * output) / s
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def eps_to_denoised(z: Array, sigma: Array, eps: Array) -> Array:
+    """``D = z - sigma eps``: the VE denoiser of ``z, eps [B, H, W, C]`` at ``sigma [B]``."""
+    return z - _per_image(sigma, z) * eps
+
+
+def classifier_free_guidance(eps_uncond: Array, eps_cond: Array, scale: float | Array) -> Array:
+    """``eps_u + scale (eps_c - eps_u)``: scale 1 is the conditional model, 0 the unconditional."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
