@@ -5,9 +5,9 @@ Conventions of this module:
 * Camera frame is OpenGL: the camera looks down its -z axis, +y is up, +x is right.
 * World frame is right-handed with +y up; the object sits at the origin.
 * `Camera.rotation` is camera-to-world: its columns are the camera's x, y, z axes in world space.
-* Pixel (col x, row y) has camera-space direction ``((x - (W/2 - 0.5)) / f, -(y - (H/2 - 0.5)) / f, -1)``
-  with ``f = (W/2) / tan(fov_x / 2)``; row 0 is the top row. Rays are flattened row-major
-  (``index = y * W + x``).
+* Pixel (col x, row y) has camera-space direction
+  ``((x - (W/2 - 0.5)) / f, -(y - (H/2 - 0.5)) / f, -1)`` with ``f = (W/2) / tan(fov_x / 2)``;
+  row 0 is the top row. Rays are flattened row-major (``index = y * W + x``).
 * Angles are radians inside functions; configs and the public distribution arguments use degrees
   where their names say so (``*_deg``).
 * View labels (for view-augmented prompts and the testbed's labelled image sets) are ints:
@@ -61,7 +61,7 @@ def _normalize(v: Array) -> Array:
 
 
 def look_at(eye: Array, target: Array | None = None, up: Array | None = None) -> Array:
-    """Camera-to-world rotation ``[..., 3, 3]`` of a camera at ``eye [..., 3]`` looking at ``target``.
+    """Camera-to-world rotation ``[..., 3, 3]`` of a camera at ``eye [..., 3]`` facing ``target``.
 
     ``z = normalize(eye - target)``, ``x = normalize(up x z)``, ``y = z x x`` (the original's
     ``camera_pose``); ``target`` defaults to the origin and ``up`` to +y. Undefined when the viewing
@@ -127,7 +127,7 @@ def view_label(azimuth_deg: Array, elevation_v_deg: Array, *, overhead_deg: floa
     """SJC's view label of a camera (int32, any shape).
 
     ``v < overhead_deg`` is overhead; otherwise the quadrant ``((h + 45) % 360) // 90`` gives
-    front, side, back, side. ``v`` is the original's "vertical" draw in degrees (0 = straight above).
+    front, side, back, side. ``v`` is the original's "vertical" draw in degrees (0 = overhead).
     """
     quadrant = (jnp.mod(azimuth_deg + 45.0, 360.0) // 90.0).astype(jnp.int32)
     quadrant = jnp.clip(quadrant, 0, 3)

@@ -68,7 +68,9 @@ def init_grid(
     """
     res = (resolution,) * 3 if isinstance(resolution, int) else tuple(resolution)
     if len(res) != 3 or min(res) < 1:
-        raise ValueError(f"resolution must be a positive int or 3 positive ints, got {resolution!r}")
+        raise ValueError(
+            f"resolution must be a positive int or 3 positive ints, got {resolution!r}"
+        )
     if channels < 1:
         raise ValueError(f"channels must be positive, got {channels}")
     if background_resolution < 1:
@@ -85,7 +87,7 @@ def init_grid(
 
 
 def voxel_size(aabb, resolution) -> np.ndarray:
-    """Edge lengths ``[3]`` of one voxel for a box ``((lo...), (hi...))`` and a resolution ``[3]``."""
+    """Edge lengths ``[3]`` of a voxel for a box ``((lo...), (hi...))`` and a resolution ``[3]``."""
     aabb = np.asarray(aabb, np.float32)
     return (aabb[1] - aabb[0]) / np.asarray(resolution, np.float32)
 
