@@ -1,0 +1,384 @@
+"""Artifacts of a run: pictures, videos, depth maps and meshes.
+
+Host-side numpy code (jax arrays are accepted and copied to the host). Every writer is atomic:
+it writes ``.<name>.<random>.tmp<suffix>`` in the destination directory, fsyncs it and
+`os.replace`-s it onto ``path``, so a reader (or a killed run) never sees a half-written file.
+Parent directories are created.
+
+Conventions of this module:
+
+* Images are ``[H, W, C]`` floats in [0, 1] (or uint8), videos ``[T, H, W, C]``.
+* Voxel grids are ``[X, Y, Z(, C)]`` with world x on the first axis; voxel ``i`` is centred at
+  ``lo + (i + 0.5) * size`` with ``size = (hi - lo) / resolution`` (as in `sjc_jax.grid`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import imageio.v2 as imageio_v2
+import imageio.v3 as imageio
+import numpy as np
+import trimesh
+from skimage import measure
+
+from sjc_jax.grid import DEFAULT_AABB
+
+# Videos: frames smaller than this (in pixels, shorter side) are upscaled by nearest neighbour,
+# and both sides are padded to a multiple of the H.264 macro block, so players cope.
+MIN_VIDEO_SIDE = 128
+MACRO_BLOCK = 16
+
+# Polynomial fit of matplotlib's viridis (Matt Zucker, shadertoy WlfXRN): degree 6 per channel,
+# coefficients from the constant term up. Perceptually uniform with monotone lightness.
+_VIRIDIS = np.array(
+    [
+        [0.2777273272234177, 0.005407344544966578, 0.3340998053353061],
+        [0.1050930431085774, 1.404613529898575, 1.384590162594685],
+        [-0.3308618287255563, 0.214847559468213, 0.09509516302823659],
+        [-4.634230498983486, -5.799100973351585, -19.33244095627987],
+        [6.228269936347081, 14.17993336680509, 56.69055260068105],
+        [4.776384997670288, -13.74514537774601, -65.35303263337234],
+        [-5.435455855934631, 4.645852612178535, 26.3124352495832],
+    ]
+)
+
+# Linear map from Stable Diffusion 1.x latents (already scaled by 0.18215, i.e. what the UNet
+# and the SJC grid hold) to RGB in [-1, 1]: rows are latent channels, columns R, G, B. The
+# least-squares fit published with AUTOMATIC1111's web UI and used by ComfyUI's SD15 previews.
+SD_LATENT_RGB_FACTORS = np.array(
+    [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ],
+    np.float32,
+)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success move it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Quantise float images in [0, 1] (any shape) to uint8: clip, scale by 255, round.
+
+    NaN becomes 0. uint8 input is returned unchanged.
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
+    images = np.nan_to_num(images.astype(np.float32), nan=0.0)
+    return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_png(path: str | os.PathLike, image) -> Path:
+    """Write an image ``[H, W, 3]``, ``[H, W, 4]``, ``[H, W, 1]`` or ``[H, W]`` as a PNG.
+
+    Args:
+      path: destination file.
+      image: float in [0, 1] or uint8.
+
+    Returns:
+      ``path`` as a `Path`.
+    """
+    image = to_uint8(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
+        raise ValueError(f"image must be [H, W], [H, W, 1|3|4], got shape {image.shape}")
+    with _atomic_path(path) as tmp:
+        imageio.imwrite(tmp, image, extension=".png")
+    return Path(path)
+
+
+def viridis(t) -> np.ndarray:
+    """The viridis colour map: ``t [...]`` in [0, 1] (clipped) to RGB ``[..., 3]`` in [0, 1]."""
+    t = np.clip(np.asarray(t, np.float64), 0.0, 1.0)[..., None]
+    rgb = np.zeros(t.shape[:-1] + (3,))
+    for coefficients in _VIRIDIS[::-1]:
+        rgb = rgb * t + coefficients
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def colorize_depth(depth, *, near: float | None = None, far: float | None = None) -> np.ndarray:
+    """Colour a depth map ``[H, W]`` or a sequence ``[T, H, W]`` as RGB ``[..., 3]`` float32.
+
+    Depth is mapped in inverse depth (disparity), ``s = (1/d - 1/far) / (1/near - 1/far)``,
+    through viridis: near is bright yellow, far dark blue-violet. Inverse depth spends the colour
+    range on the object rather than on the empty space between it and the background (SJC
+    renders background depth 10, about 4x the object's depth), which therefore shows as the far
+    colour. One normalisation is used for all frames, so colours are comparable over a video.
+
+    Args:
+      depth: distances along the ray, ``[H, W]`` or ``[T, H, W]``; non-finite values show as far.
+      near: depth shown as the near colour; default the smallest finite depth (floored at
+        ``far / 1000`` to keep the disparity finite).
+      far: depth shown as the far colour; default the largest finite depth.
+
+    Returns:
+      float32 RGB in [0, 1], shape ``depth.shape + (3,)``; all far colour if ``far <= near``.
+    """
+    depth = np.asarray(depth, np.float64)
+    if depth.ndim not in (2, 3):
+        raise ValueError(f"depth must be [H, W] or [T, H, W], got shape {depth.shape}")
+    finite = np.isfinite(depth)
+    if far is None:
+        far = float(depth[finite].max()) if finite.any() else 1.0
+    if near is None:
+        near = float(depth[finite].min()) if finite.any() else far
+    if not (np.isfinite(near) and np.isfinite(far) and far > 0):
+        raise ValueError(f"near and far must be finite with far > 0, got near={near}, far={far}")
+    if far <= near:
+        return viridis(np.zeros(depth.shape)).astype(np.float32)
+    near = max(near, far * 1e-3)
+    clipped = np.clip(np.where(finite, depth, far), near, far)
+    s = (1.0 / clipped - 1.0 / far) / (1.0 / near - 1.0 / far)
+    return viridis(s).astype(np.float32)
+
+
+def approximate_latent_rgb(latents):
+    """Cheap RGB preview ``[..., 3]`` in [0, 1] of Stable Diffusion latents ``[..., 4]``.
+
+    A linear map (`SD_LATENT_RGB_FACTORS`) instead of the VAE decoder, for vertex colours and
+    quick previews; accepts numpy or jax arrays (and works under jit).
+    """
+    if latents.shape[-1] != 4:
+        raise ValueError(f"latents must have 4 channels, got shape {latents.shape}")
+    return ((latents @ SD_LATENT_RGB_FACTORS + 1.0) * 0.5).clip(0.0, 1.0)
+
+
+def _video_frames(frames) -> np.ndarray:
+    """uint8 ``[T, H', W', 3]``: upscaled to `MIN_VIDEO_SIDE` and padded to `MACRO_BLOCK`."""
+    frames = to_uint8(frames)
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.shape[0] < 1:
+        raise ValueError(
+            f"frames must be [T, H, W, 3], [T, H, W, 1] or [T, H, W] with T >= 1, "
+            f"got shape {frames.shape}"
+        )
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    height, width = frames.shape[1:3]
+    scale = max(1, math.ceil(MIN_VIDEO_SIDE / min(height, width)))
+    if scale > 1:
+        frames = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
+    pad_h = -frames.shape[1] % MACRO_BLOCK
+    pad_w = -frames.shape[2] % MACRO_BLOCK
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frames
+
+
+def save_video(path: str | os.PathLike, frames, *, fps: float = 20) -> Path:
+    """Write frames ``[T, H, W, 3]`` (float in [0, 1] or uint8) as an H.264 mp4.
+
+    libx264, yuv420p, CRF 18, faststart: plays in browsers and common players. Frames whose
+    shorter side is below `MIN_VIDEO_SIDE` are upscaled by an integer factor (nearest
+    neighbour, so 8x8 and 64x64 renders stay crisp), then the bottom/right edges are replicated
+    to a multiple of 16 pixels.
+
+    Args:
+      path: destination ``.mp4`` file.
+      frames: ``[T, H, W, 3]`` (or ``[T, H, W, 1]`` / ``[T, H, W]`` grey), T >= 1.
+      fps: frames per second.
+
+    Returns:
+      ``path`` as a `Path`.
+    """
+    if not (isinstance(fps, (int, float)) and fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    frames = _video_frames(frames)
+    with _atomic_path(path) as tmp, warnings.catch_warnings():
+        # ffmpeg is spawned with fork+exec; JAX's at-fork warning does not apply to it.
+        warnings.filterwarnings(
+            "ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning
+        )
+        writer = imageio_v2.get_writer(
+            tmp,
+            format="FFMPEG",
+            mode="I",
+            fps=fps,
+            codec="libx264",
+            pixelformat="yuv420p",
+            macro_block_size=1,
+            quality=None,
+            output_params=["-crf", "18", "-movflags", "+faststart"],
+            ffmpeg_log_level="error",
+        )
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+    return Path(path)
+
+
+def default_density_threshold(aabb, resolution, *, step_ratio: float = 0.5) -> float:
+    """The surface level ``ln 2 / delta`` of activated density used by `extract_mesh`.
+
+    ``delta = step_ratio * mean(voxel size)`` is the renderer's sample spacing (half a voxel by
+    default, 0.01 for SJC's 100^3 grid in [-1, 1]^3, giving 69.3). At this density one sample
+    has opacity ``1 - exp(-sigma * delta) = 0.5``: the surface is where a single step along a
+    ray becomes half opaque, which is what the rendered silhouettes show.
+    """
+    aabb = np.asarray(aabb, np.float64)
+    size = (aabb[1] - aabb[0]) / np.asarray(resolution, np.float64)
+    return math.log(2.0) / (step_ratio * float(size.mean()))
+
+
+def _empty_mesh() -> trimesh.Trimesh:
+    return trimesh.Trimesh(
+        vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), np.int64), process=False
+    )
+
+
+def _vertex_colors(points: np.ndarray, colors: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Opacity-weighted trilinear lookup of ``colors [X, Y, Z, 3]`` at index points ``[N, 3]``.
+
+    Corners are clamped into the grid. Each corner weighs ``trilinear * alpha`` (its opacity),
+    so the empty voxels just outside the surface, whose appearance was never trained (random in
+    SJC), do not bleed into the surface colour; where all corners are empty it falls back to
+    plain trilinear weights.
+    """
+    resolution = np.asarray(colors.shape[:3])
+    points = np.clip(points, 0.0, resolution - 1.0)
+    base = np.minimum(np.floor(points).astype(np.int64), np.maximum(resolution - 2, 0))
+    frac = points - base
+    total = np.zeros((len(points), 3))
+    plain = np.zeros((len(points), 3))
+    weight_sum = np.zeros(len(points))
+    for corner in range(8):
+        offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        idx = np.minimum(base + offset, resolution - 1)
+        weight = np.prod(np.where(offset == 1, frac, 1.0 - frac), axis=-1)
+        value = colors[idx[:, 0], idx[:, 1], idx[:, 2]]
+        opacity = weight * alpha[idx[:, 0], idx[:, 1], idx[:, 2]]
+        total += opacity[:, None] * value
+        weight_sum += opacity
+        plain += weight[:, None] * value
+    covered = weight_sum > 1e-12
+    out = np.where(covered[:, None], total / np.where(covered, weight_sum, 1.0)[:, None], plain)
+    return np.clip(out, 0.0, 1.0)
+
+
+def extract_mesh(
+    density,
+    colors,
+    *,
+    aabb=DEFAULT_AABB,
+    threshold: float | None = None,
+    step_ratio: float = 0.5,
+) -> trimesh.Trimesh:
+    """Marching-cubes surface of an activated density grid, with vertex colours.
+
+    The volume is padded by one empty voxel on every side so the surface closes where the
+    object touches the box. Vertices are mapped from voxel-centre index space to world
+    coordinates (voxel ``i`` centred at ``lo + (i + 0.5) * size``, x the first axis) and clipped
+    to the box; faces wind counter-clockwise seen from outside (normals point to lower density).
+
+    Args:
+      density: ``[X, Y, Z]`` activated density sigma (``grid.activate_density``), finite.
+      colors: ``[X, Y, Z, 3]`` appearance in [0, 1] (decoded or `approximate_latent_rgb`).
+      aabb: ``((xlo, ylo, zlo), (xhi, yhi, zhi))`` box covered by the grid.
+      threshold: iso-level of density; default `default_density_threshold` (opacity 0.5 per
+        render step).
+      step_ratio: the renderer's step in voxels, used for the default threshold and for the
+        opacity weighting of vertex colours.
+
+    Returns:
+      A `trimesh.Trimesh` with uint8 RGBA vertex colours. If no voxel, or every voxel, exceeds
+      the threshold there is no surface: a warning is emitted and an empty mesh returned.
+    """
+    density = np.asarray(density, np.float64)
+    colors = np.asarray(colors, np.float64)
+    aabb = np.asarray(aabb, np.float64)
+    if density.ndim != 3 or min(density.shape) < 1:
+        raise ValueError(f"density must be [X, Y, Z], got shape {density.shape}")
+    if colors.shape != density.shape + (3,):
+        raise ValueError(
+            f"colors must be [X, Y, Z, 3] matching density {density.shape}, got {colors.shape}"
+        )
+    if aabb.shape != (2, 3) or not np.all(aabb[1] > aabb[0]):
+        raise ValueError(f"aabb must be ((lo x, y, z), (hi x, y, z)) with hi > lo, got {aabb}")
+    if not np.all(np.isfinite(density)):
+        raise ValueError("density must be finite")
+    if not step_ratio > 0:
+        raise ValueError(f"step_ratio must be positive, got {step_ratio}")
+    if threshold is None:
+        threshold = default_density_threshold(aabb, density.shape, step_ratio=step_ratio)
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be positive, got {threshold}")
+
+    occupied = density > threshold
+    if not occupied.any() or occupied.all():
+        state = "no" if not occupied.any() else "every"
+        warnings.warn(
+            f"extract_mesh: {state} voxel has density above {threshold:.4g}; "
+            "there is no surface, returning an empty mesh",
+            stacklevel=2,
+        )
+        return _empty_mesh()
+
+    padded = np.pad(density, 1, mode="constant", constant_values=0.0)
+    vertices, faces, _, _ = measure.marching_cubes(padded, level=threshold)
+    index = vertices.astype(np.float64) - 1.0  # back to the unpadded voxel-centre indices
+    size = (aabb[1] - aabb[0]) / np.asarray(density.shape, np.float64)
+    # The surface between a boundary voxel and the padding lies up to one voxel outside the box;
+    # the renderer sees nothing outside the box, so the mesh is clipped to it.
+    world = np.clip(aabb[0] + (index + 0.5) * size, aabb[0], aabb[1])
+    delta = step_ratio * float(size.mean())
+    alpha = -np.expm1(-density * delta)
+    rgb = _vertex_colors(index, colors, alpha)
+    rgba = np.concatenate([to_uint8(rgb), np.full((len(rgb), 1), 255, np.uint8)], axis=-1)
+    return trimesh.Trimesh(
+        vertices=world.astype(np.float32),
+        faces=faces[:, ::-1].astype(np.int64),  # skimage winds them inwards for this sign
+        vertex_colors=rgba,
+        process=False,
+    )
+
+
+def save_mesh(path: str | os.PathLike, mesh: trimesh.Trimesh) -> Path:
+    """Write ``mesh`` as binary PLY (``.ply``) or glTF binary (``.glb``), by suffix, atomically.
+
+    Vertex colours are kept in both formats. An empty mesh writes a valid empty file.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".ply":
+        data = mesh.export(file_type="ply", encoding="binary")
+    elif suffix == ".glb":
+        data = mesh.export(file_type="glb")
+    else:
+        raise ValueError(f"path must end in .ply or .glb, got {str(path)!r}")
+    with _atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
