@@ -315,8 +315,12 @@ def render_rays(
       `RenderOutput` with features ``[N, C]``, depth ``[N]``, weights ``[N, S]``, opacity ``[N]``
       and the per-view sample count k.
     """
+    grid = jax.tree_util.tree_map(jnp.asarray, grid)
+    origins = jnp.asarray(origins, jnp.float32)
+    directions = jnp.asarray(directions, jnp.float32)
     if t_min is None or t_max is None:
         t_min, t_max = intersect_rays(origins, directions, config.aabb)
+    t_min, t_max = jnp.asarray(t_min, jnp.float32), jnp.asarray(t_max, jnp.float32)
     delta = step_size(config, grid.density.shape)
     budget = sample_budget(config, grid.density.shape)
     march = jax.vmap(lambda o, d, t0, t1: march_ray(o, d, t0, t1, delta=delta, budget=budget))
