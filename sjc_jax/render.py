@@ -146,6 +146,15 @@ def bilinear(texture: Array, uv: Array) -> Array:
     return out
 
 
+def view_sample_count(t_min: Array, t_max: Array, delta: float) -> Array:
+    """The original's per-view sample count ``k = int(max(t_max - t_min) / delta) + 1``.
+
+    Reduces the last axis (``[..., N] -> [...]`` int32); at least 1 when every ray misses.
+    """
+    chord = jnp.max(t_max - t_min, axis=-1)
+    return jnp.maximum((chord / jnp.float32(delta)).astype(jnp.int32) + 1, 1)
+
+
 def intersect_rays(origins: Array, directions: Array, aabb=DEFAULT_AABB) -> tuple[Array, Array]:
     """`intersect_box` over rays: ``t_min, t_max [N]`` for ``origins, directions [N, 3]``."""
     return jax.vmap(lambda o, d: intersect_box(o, d, aabb))(origins, directions)
@@ -324,7 +333,7 @@ def render_rays(
     delta = step_size(config, grid.density.shape)
     budget = sample_budget(config, grid.density.shape)
     march = jax.vmap(lambda o, d, t0, t1: march_ray(o, d, t0, t1, delta=delta, budget=budget))
-    t, valid, points, chord = march(origins, directions, t_min, t_max)
+    t, valid, points, _ = march(origins, directions, t_min, t_max)
     num_rays = origins.shape[0]
     counts = jnp.sum(valid, axis=1, dtype=jnp.int32)
 
@@ -364,8 +373,7 @@ def render_rays(
         )
     )
     rgb, depth, weights, opacity = composite(sigma, feats, t, bg)
-    # The original: int(max chord / delta) + 1 (at least 1 when every ray misses).
-    num_samples = jnp.maximum((jnp.max(chord) / jnp.float32(delta)).astype(jnp.int32) + 1, 1)
+    num_samples = view_sample_count(t_min, t_max, delta)
     return RenderOutput(rgb, depth, weights, opacity, num_samples)
 
 
