@@ -1,0 +1,434 @@
+"""Stable Diffusion (diffusers Flax UNet + VAE, transformers Flax CLIP) as a VE denoiser.
+
+The pieces compose: `resolve_model_dir` (hub id or local diffusers-format directory),
+`load_components` (models, params, noise table, prediction type), `encode_prompts` and
+`view_conditioning` (text embeddings, computed once per distinct text), `make_apply` (the
+jittable ``D(z, sigma, label)`` with classifier-free guidance), `make_decode` (VAE) and
+`latent_to_rgb_approx`; `load_stable_diffusion` chains them into a `Denoiser`.
+
+Conventions of this module:
+
+* Images are channels-last ``[B, H, W, 4]`` SD latents in model space (already multiplied by the
+  VAE's scaling factor, 0.18215 for SD); NCHW exists only inside the UNet call.
+* ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with t the nearest timestep of the
+  model's noise table (SJC_REFERENCE.md section 3); v-prediction is converted to eps first.
+* ``params`` of the denoiser: ``{"unet": UNet params, "cond": [4, L, D] view-label embeddings,
+  "uncond": [L, D] embedding of the negative prompt}`` (L = 77 tokens for SD).
+* Errors of loading are `ModelLoadError` (a `ValueError`), one line each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sjc_jax.diffusion.denoiser import (
+    PREDICTION_TYPES,
+    ApplyFn,
+    DecodeFn,
+    Denoiser,
+    classifier_free_guidance,
+    eps_to_denoised,
+    model_output_to_eps,
+    vp_coefficients,
+)
+from sjc_jax.diffusion.schedule import sigma_to_timestep, sigmas_from_scheduler_config
+from sjc_jax.prompts import view_prompts
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Weight files of each model component, Flax first, then PyTorch (safetensors before pickle).
+_WEIGHTS = {
+    "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors",
+             "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bin"),
+    "text_encoder": ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"),
+}  # fmt: skip
+_CONFIGS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_LAYOUT = "(with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+
+# Linear latent -> RGB map of SD v1 latents (rows: latent channels, columns: R, G, B), fitted by
+# keturn (discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204) and used for
+# previews by the AUTOMATIC1111 web UI; applied to model-space latents, result in [-1, 1].
+SD_V1_LATENT_RGB = np.array(
+    [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ],
+    np.float32,
+)
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded; the message is one line naming the model."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _hub_patterns(components: Sequence[str], kind: int) -> list[str]:
+    """Files to fetch from the hub: configs and tokenizer (kind 0, with Flax weights) or the
+    PyTorch weights of ``kind`` (1 safetensors, 2 pickle) for ``components``."""
+    if kind == 0:
+        return [
+            "model_index.json",
+            "tokenizer/*",
+            *(f"{c}/{name}" for c, name in _CONFIGS.items()),
+            *(f"{c}/{_WEIGHTS[c][0]}" for c in components),
+        ]
+    return [f"{c}/{_WEIGHTS[c][kind]}" for c in components]
+
+
+def _weights_file(root: Path, component: str) -> Path | None:
+    for name in _WEIGHTS[component]:
+        if (root / component / name).is_file():
+            return root / component / name
+    return None
+
+
+def resolve_model_dir(model: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local diffusers-format directory for ``model`` (a directory, or a hub id to download).
+
+    Hub downloads go through huggingface_hub's cache (``HF_HOME``; offline with
+    ``HF_HUB_OFFLINE=1``) and fetch only what the loader reads: configs, tokenizer and Flax
+    weights, or PyTorch weights (safetensors before ``.bin``) for components without Flax weights.
+    ``revision`` applies to hub ids only.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or path.exists():
+        raise ModelLoadError(
+            f"model {name!r} is not a directory; point --model at a local diffusers-format "
+            f"directory {_LAYOUT} or at a Hugging Face hub id"
+        )
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        root = Path(snapshot_download(name, revision=revision, allow_patterns=_hub_patterns(
+            ("unet", "vae", "text_encoder"), 0)))  # fmt: skip
+        for kind in (1, 2):
+            missing = [c for c in _WEIGHTS if _weights_file(root, c) is None]
+            if not missing:
+                break
+            if not _has_torch():
+                raise ModelLoadError(
+                    f"model {name!r} has no Flax weights for {', '.join(missing)}; loading its "
+                    "PyTorch weights needs torch: pip install torch"
+                )
+            snapshot_download(name, revision=revision, allow_patterns=_hub_patterns(missing, kind))
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as err:
+        if constants.HF_HUB_OFFLINE:
+            cache = constants.HF_HUB_CACHE
+            why = f"it is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1"
+        else:
+            why = f"the Hugging Face hub did not provide it ({_one_line(err)})"
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {why}; download it once with network access, or point "
+            f"--model at a local diffusers-format directory {_LAYOUT}"
+        ) from err
+    return root
+
+
+def check_model_dir(root: Path) -> None:
+    """Raise `ModelLoadError` naming the first missing component or file of a pipeline dir."""
+    for component in COMPONENTS:
+        if not (root / component).is_dir():
+            raise ModelLoadError(f"model directory {str(root)!r} has no {component}/ component")
+    for component, config in _CONFIGS.items():
+        if not (root / component / config).is_file():
+            raise ModelLoadError(f"model directory {str(root)!r} lacks {component}/{config}")
+    tok = root / "tokenizer"
+    if (
+        not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file())
+        and not (tok / "tokenizer.json").is_file()
+    ):
+        raise ModelLoadError(
+            f"model directory {str(root)!r} lacks tokenizer/vocab.json and tokenizer/merges.txt"
+        )
+    for component, names in _WEIGHTS.items():
+        if _weights_file(root, component) is None:
+            raise ModelLoadError(
+                f"model directory {str(root)!r} has no weights in {component}/ "
+                f"(expected one of {', '.join(names)})"
+            )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SDComponents:
+    """Loaded Stable Diffusion parts (models are stateless Flax modules, params separate).
+
+    Attributes:
+      unet, unet_params: `FlaxUNet2DConditionModel` (compute ``dtype``) and its params (``dtype``).
+      vae, vae_params: `FlaxAutoencoderKL` and params (float32; used for pictures only).
+      text_encoder, text_params: `FlaxCLIPTextModel` and its params (float32).
+      tokenizer: CLIP tokenizer.
+      sigmas: ``[T]`` VE noise table of the scheduler config.
+      prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+      scaling_factor: VAE latent scaling (0.18215 for SD v1/v2).
+      dtype: UNet compute dtype.
+      name: the model id or path.
+    """
+
+    unet: Any
+    unet_params: Any
+    vae: Any
+    vae_params: Any
+    text_encoder: Any
+    text_params: Any
+    tokenizer: Any
+    sigmas: np.ndarray
+    prediction_type: str
+    scaling_factor: float
+    dtype: Any
+    name: str
+
+
+def _load_diffusers_model(cls, root: Path, component: str, dtype) -> tuple[Any, Any]:
+    """(model, params) of a diffusers Flax class from Flax or PyTorch weights in ``root``."""
+    weights = _weights_file(root, component)
+    if weights.suffix == ".msgpack":
+        return cls.from_pretrained(root, subfolder=component, dtype=dtype)
+    if not _has_torch():
+        raise ModelLoadError(
+            f"model {str(root)!r} has only PyTorch weights in {component}/ ({weights.name}); "
+            "converting them needs torch: pip install torch"
+        )
+    # diffusers' Flax from_pretrained(from_pt=True) reads only .bin files; this is the same
+    # conversion for both formats, with weights cast to float32 first (fp16/bf16 checkpoints).
+    from diffusers.models.model_loading_utils import load_state_dict
+    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    model = cls.from_config(cls.load_config(root, subfolder=component), dtype=dtype)
+    state = {
+        k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(weights).items()
+    }
+
+    # The converter only reads the shapes of a random init: give it those without running init.
+    class _Shapes:
+        init_weights = staticmethod(lambda rng: jax.eval_shape(model.init_weights, rng))
+
+    return model, convert_pytorch_state_dict_to_flax(state, _Shapes())
+
+
+def load_components(
+    model: str | os.PathLike, *, revision: str | None = None, dtype: str = "float32"
+) -> SDComponents:
+    """Load UNet, VAE, text encoder, tokenizer and noise table from a hub id or directory.
+
+    ``dtype`` (``"float32"`` or ``"bfloat16"``) is the UNet's compute dtype; with bfloat16 its
+    params are cast too (half the memory traffic). VAE and text encoder stay float32.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from transformers import CLIPTokenizer, CLIPTokenizerFast, FlaxCLIPTextModel
+
+    root = resolve_model_dir(model, revision=revision)
+    check_model_dir(root)
+    name = str(model)
+    scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    prediction_type = scheduler.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(f"model {name!r}: unsupported prediction_type {prediction_type!r}")
+    try:
+        sigmas = sigmas_from_scheduler_config(scheduler)
+        compute = DTYPES[dtype]
+        unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, root, "unet", compute)
+        if compute != jnp.float32:
+            unet_params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, compute), unet_params)
+        vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, root, "vae", jnp.float32)
+        text_weights = _weights_file(root, "text_encoder")
+        from_pt = text_weights.suffix != ".msgpack"
+        if text_weights.suffix == ".bin" and not _has_torch():
+            raise ModelLoadError(
+                f"model {name!r} has only PyTorch weights in text_encoder/ ({text_weights.name}); "
+                "converting them needs torch: pip install torch"
+            )
+        # transformers converts PyTorch weights only into an initialised model (_do_init=True).
+        loaded = FlaxCLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", from_pt=from_pt, dtype=jnp.float32, _do_init=from_pt
+        )
+        text_encoder, text_params = (loaded, loaded.params) if from_pt else loaded
+        tok_cls = CLIPTokenizer if (root / "tokenizer" / "vocab.json").is_file() else None
+        tokenizer = (tok_cls or CLIPTokenizerFast).from_pretrained(root, subfolder="tokenizer")
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        message = f"cannot load model {name!r} from {str(root)!r}: {_one_line(err)}"
+        raise ModelLoadError(message) from err
+    return SDComponents(
+        unet=unet,
+        unet_params=unet_params,
+        vae=vae,
+        vae_params=vae_params,
+        text_encoder=text_encoder,
+        text_params=text_params,
+        tokenizer=tokenizer,
+        sigmas=sigmas,
+        prediction_type=prediction_type,
+        scaling_factor=float(vae.config.get("scaling_factor", 0.18215)),
+        dtype=compute,
+        name=name,
+    )
+
+
+def encode_prompts(components: SDComponents, texts: Sequence[str]) -> Array:
+    """CLIP last hidden states ``[len(texts), L, D]`` float32, each distinct text encoded once.
+
+    Texts are padded/truncated to ``L = min(tokenizer.model_max_length, max positions)`` tokens.
+    """
+    unique = list(dict.fromkeys(texts))
+    config = components.text_encoder.config
+    length = min(components.tokenizer.model_max_length, config.max_position_embeddings)
+    ids = components.tokenizer(
+        unique, padding="max_length", max_length=length, truncation=True, return_tensors="np"
+    ).input_ids
+    encoder = jax.jit(lambda params, ids: components.text_encoder(ids, params=params)[0])
+    hidden = jnp.asarray(encoder(components.text_params, ids), jnp.float32)
+    return hidden[jnp.array([unique.index(t) for t in texts])]
+
+
+def view_conditioning(
+    components: SDComponents,
+    prompt: str,
+    *,
+    view_augmentation: bool = True,
+    negative_prompt: str = "",
+) -> dict[str, Array]:
+    """``{"cond": [4, L, D] by view label, "uncond": [L, D]}`` (5 distinct texts at most)."""
+    texts = view_prompts(prompt, view_augmentation=view_augmentation)
+    emb = encode_prompts(components, (*texts, negative_prompt))
+    return {"cond": emb[:4], "uncond": emb[4]}
+
+
+def make_apply(components: SDComponents, *, guidance_scale: float = 100.0) -> ApplyFn:
+    """The jittable VE denoiser ``(params, z [B, H, W, 4], sigma [B], label [B]) -> D`` float32.
+
+    ``params = {"unet", "cond", "uncond"}`` (module docstring). With CFG (``guidance_scale !=
+    1``) the UNet runs once at batch 2B, the unconditional half first.
+    """
+    unet, dtype, prediction_type = components.unet, components.dtype, components.prediction_type
+    sigmas = np.asarray(components.sigmas)
+    guided = guidance_scale != 1.0
+
+    def apply(params: Any, z: Array, sigma: Array, label: Array) -> Array:
+        z = jnp.asarray(z, jnp.float32)
+        b = z.shape[0]
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
+        context = params["cond"][jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))]
+        t = sigma_to_timestep(sigmas, sigma)
+        x = z * vp_coefficients(sigma)[0][:, None, None, None]
+        if guided:
+            uncond = jnp.broadcast_to(params["uncond"], context.shape)
+            x2, t2, sigma2 = jnp.tile(x, (2, 1, 1, 1)), jnp.tile(t, 2), jnp.tile(sigma, 2)
+            context = jnp.concatenate([uncond, context])
+        else:
+            x2, t2, sigma2 = x, t, sigma
+        out = unet.apply(
+            {"params": params["unet"]},
+            jnp.transpose(x2, (0, 3, 1, 2)).astype(dtype),
+            t2,
+            context.astype(dtype),
+        ).sample
+        out = jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
+        eps = model_output_to_eps(out, x2, sigma2, prediction_type)
+        if guided:
+            eps = classifier_free_guidance(eps[:b], eps[b:], guidance_scale)
+        return eps_to_denoised(z, sigma, eps)
+
+    return apply
+
+
+def make_decode(components: SDComponents) -> DecodeFn:
+    """VAE decode: model-space latents ``[B, h, w, 4]`` -> RGB ``[B, 8h, 8w, 3]`` in [0, 1]."""
+    vae, scale = components.vae, components.scaling_factor
+
+    @jax.jit
+    def decode(vae_params: Any, latents: Array) -> Array:
+        latents = jnp.asarray(latents, jnp.float32) / scale
+        images = vae.apply({"params": vae_params}, latents, method=vae.decode).sample
+        return jnp.clip(jnp.transpose(images, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+
+    return lambda latents: decode(components.vae_params, latents)
+
+
+def latent_to_rgb_approx(latents: Array) -> Array:
+    """Cheap preview: model-space SD v1 latents ``[..., 4]`` -> RGB ``[..., 3]`` in [0, 1].
+
+    One pixel per latent (no upsampling), through `SD_V1_LATENT_RGB`.
+    """
+    rgb = jnp.asarray(latents, jnp.float32) @ jnp.asarray(SD_V1_LATENT_RGB)
+    return jnp.clip(rgb / 2 + 0.5, 0.0, 1.0)
+
+
+def load_stable_diffusion(
+    model: str | os.PathLike,
+    *,
+    prompt: str,
+    revision: str | None = None,
+    dtype: str = "float32",
+    guidance_scale: float = 100.0,
+    view_augmentation: bool = True,
+    negative_prompt: str = "",
+) -> Denoiser:
+    """Stable Diffusion as a `Denoiser` for ``prompt`` (view-augmented unless turned off).
+
+    ``model`` is a hub id or a local diffusers-format directory; see `load_components`,
+    `view_conditioning` and `make_apply` for the rest.
+    """
+    view_prompts(prompt, view_augmentation=view_augmentation)  # refuse a bad prompt before loading
+    components = load_components(model, revision=revision, dtype=dtype)
+    params = {
+        "unet": components.unet_params,
+        **view_conditioning(
+            components,
+            prompt,
+            view_augmentation=view_augmentation,
+            negative_prompt=negative_prompt,
+        ),
+    }
+    config = components.unet.config
+    return Denoiser(
+        apply=make_apply(components, guidance_scale=guidance_scale),
+        params=params,
+        sigmas=components.sigmas,
+        channels=int(config.out_channels),
+        resolution=int(config.sample_size),
+        feature_space="sd-latent",
+        decode=make_decode(components),
+        name=str(model),
+    )
