@@ -176,16 +176,23 @@ def make_optimizer(config: SJCConfig) -> optax.GradientTransformation:
     )
 
 
-def init_state(config: SJCConfig, channels: int, *, grid: VoxelGrid | None = None) -> TrainState:
-    """Initial state from ``config.seed``: a fresh grid as the original (or ``grid``)."""
+def init_state(config: SJCConfig, channels: int, *, background: Array | None = None) -> TrainState:
+    """Initial state from ``config.seed``: a fresh grid as the original.
+
+    ``background [Hb, Wb, C]`` replaces the random background texture (the testbed's known
+    background; freeze it with ``background_lr=0``).
+    """
     key_grid, key_run = jax.random.split(jax.random.key(config.seed))
-    if grid is None:
-        grid = init_grid(
-            key_grid,
-            resolution=config.grid_resolution,
-            channels=channels,
-            background_resolution=config.background_resolution,
-        )
+    grid = init_grid(
+        key_grid,
+        resolution=config.grid_resolution,
+        channels=channels,
+        background_resolution=config.background_resolution,
+    )
+    if background is not None:
+        if background.ndim != 3 or background.shape[-1] != channels:
+            raise ValueError(f"background must be [Hb, Wb, {channels}], got {background.shape}")
+        grid = grid.replace(background=jnp.asarray(background, jnp.float32))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         grid=grid,

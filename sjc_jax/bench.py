@@ -1,0 +1,162 @@
+"""``python -m sjc_jax bench``: renderer and SJC-step timings, printed as one JSON object.
+
+* ``render_vjp_ms``: one SJC-sized view (100^3 grid, 4 channels, 64 x 64, fov 60, radius 1.5,
+  SJC's initial grid) rendered and its VJP taken; median of ``repeats`` after a warm-up.
+  ``samples_per_s`` counts the view's N x k samples (the original's work) per second of it.
+* ``step_ms_float32`` / ``step_ms_bfloat16``: one whole SJC step (camera, render, UNet with
+  classifier-free guidance at batch 2, VJP, Adamax update) with a random-initialised UNet of
+  Stable Diffusion 1.5's shape at 64 x 64 latents (no weights needed); ``compile_s_*`` apart.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sjc_jax.camera import make_camera, sjc_eye
+from sjc_jax.grid import init_grid
+from sjc_jax.render import RenderConfig, render_view
+
+# Stable Diffusion 1.5's UNet (diffusers' config of runwayml/stable-diffusion-v1-5).
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+)
+
+
+def _time(fn, *args, repeats: int) -> tuple[float, float]:
+    """(compile + first run seconds, median seconds of ``repeats`` runs)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def bench_render(repeats: int = 5) -> dict[str, Any]:
+    config = RenderConfig()
+    grid = init_grid(jax.random.key(0), resolution=100, channels=4)
+    eye = sjc_eye(jnp.deg2rad(30.0), jnp.deg2rad(60.0), 1.5)
+    camera = make_camera(eye, fov_x_deg=60.0, height=64, width=64)
+
+    @jax.jit
+    def render_vjp(grid):
+        view, vjp_fn = jax.vjp(lambda g: render_view(g, camera, config), grid)
+        cotangent = jax.tree_util.tree_map(jnp.ones_like, view)
+        return view.image, vjp_fn(cotangent)
+
+    _, seconds = _time(render_vjp, grid, repeats=repeats)
+    k = int(jax.jit(lambda g: render_view(g, camera, config).num_samples)(grid))
+    return {
+        "render_vjp_ms": 1e3 * seconds,
+        "render_samples_k": k,
+        "samples_per_s": 64 * 64 * k / seconds,
+    }
+
+
+def _sd15_denoiser(dtype: str):
+    """A `Denoiser` around a random SD-1.5-shaped Flax UNet (CFG scale 100, 4 view embeddings)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import FlaxUNet2DConditionModel
+
+    from sjc_jax.diffusion.denoiser import Denoiser
+    from sjc_jax.diffusion.schedule import ddpm_sigmas
+    from sjc_jax.diffusion.stable_diffusion import DTYPES, SDComponents, make_apply
+
+    compute = DTYPES[dtype]
+    unet = FlaxUNet2DConditionModel(**SD15_UNET, dtype=compute)
+    params = jax.jit(unet.init_weights)(jax.random.key(0))
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, compute), params)
+    components = SDComponents(
+        unet=unet,
+        unet_params=params,
+        vae=None,
+        vae_params=None,
+        text_encoder=None,
+        text_params=None,
+        tokenizer=None,
+        sigmas=ddpm_sigmas(),
+        prediction_type="epsilon",
+        scaling_factor=0.18215,
+        dtype=compute,
+        name=f"random-sd15-{dtype}",
+    )
+    key_c, key_u = jax.random.split(jax.random.key(1))
+    cond = {
+        "unet": params,
+        "cond": jax.random.normal(key_c, (4, 77, 768)),
+        "uncond": jax.random.normal(key_u, (77, 768)),
+    }
+    return Denoiser(
+        apply=make_apply(components, guidance_scale=100.0),
+        params=cond,
+        sigmas=ddpm_sigmas(),
+        channels=4,
+        resolution=64,
+        feature_space="sd-latent",
+        decode=lambda x: x,
+        name=components.name,
+    )
+
+
+def bench_step(dtype: str, repeats: int = 5) -> dict[str, Any]:
+    from sjc_jax.sjc import SJCConfig, init_state, make_step
+
+    denoiser = _sd15_denoiser(dtype)
+    config = SJCConfig(model="bench", prompt="bench", dtype=dtype)
+    step = make_step(config, denoiser)
+    state = init_state(config, 4)
+    start = time.perf_counter()
+    state, metrics = step(state, denoiser.params)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = step(state, denoiser.params)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    if not np.isfinite(float(metrics["score_norm"])):
+        raise ValueError(f"bench step produced a non-finite score ({dtype})")
+    return {f"step_ms_{dtype}": 1e3 * statistics.median(times), f"compile_s_{dtype}": compile_s}
+
+
+def run_bench(*, repeats: int = 5, parts=("render", "step")) -> dict[str, Any]:
+    """All timings as one JSON-serialisable dict."""
+    unknown = set(parts) - {"render", "step"}
+    if unknown:
+        raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from render, step")
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "jax": jax.__version__,
+        "repeats": repeats,
+    }
+    if "render" in parts:
+        result.update(bench_render(repeats))
+    if "step" in parts:
+        for dtype in ("float32", "bfloat16"):
+            result.update(bench_step(dtype, repeats))
+    return result
