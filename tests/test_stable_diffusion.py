@@ -30,6 +30,8 @@ def test_load_eps_pipeline_and_denoise(tiny_sd_eps):
     assert (den.channels, den.resolution, den.feature_space) == (4, 8, "sd-latent")
     np.testing.assert_array_equal(den.sigmas, schedule.ddpm_sigmas())
     assert den.params["cond"].shape == (4, 77, 32) and den.params["uncond"].shape == (77, 32)
+    # Not committed to the CPU by the Flax loaders: the jitted step places them on its device.
+    assert not any(leaf.committed for leaf in jax.tree_util.tree_leaves(den.params))
     z, sigma, label = _inputs()
     d = jax.jit(den.apply)(den.params, z, sigma, label)
     assert d.shape == (2, 8, 8, 4) and d.dtype == jnp.float32

@@ -88,6 +88,23 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
+def _uncommitted(tree: Any, dtype: Any = None) -> Any:
+    """Arrays of ``tree`` on the default device, uncommitted (optionally cast to ``dtype``).
+
+    The Flax loaders commit params to the CPU; a jitted step given committed CPU params would
+    run on the CPU (or fail next to accelerator arrays), so they are re-placed here.
+    """
+    place = lambda p: jnp.asarray(np.asarray(p)).astype(dtype or p.dtype)
+    return jax.tree_util.tree_map(place, tree)
+
+
+def _torch_needed(name: str, component: str, weights: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {name!r} has only PyTorch weights in {component}/ ({weights.name}); "
+        "converting them needs torch: pip install torch"
+    )
+
+
 def _has_torch() -> bool:
     try:
         import torch  # noqa: F401
@@ -144,8 +161,8 @@ def resolve_model_dir(model: str | os.PathLike, *, revision: str | None = None) 
                 break
             if not _has_torch():
                 raise ModelLoadError(
-                    f"model {name!r} has no Flax weights for {', '.join(missing)}; loading its "
-                    "PyTorch weights needs torch: pip install torch"
+                    f"model {name!r} has no Flax weights for {', '.join(missing)}; converting "
+                    "its PyTorch weights needs torch: pip install torch"
                 )
             snapshot_download(name, revision=revision, allow_patterns=_hub_patterns(missing, kind))
     except ModelLoadError:
@@ -217,16 +234,13 @@ class SDComponents:
     name: str
 
 
-def _load_diffusers_model(cls, root: Path, component: str, dtype) -> tuple[Any, Any]:
+def _load_diffusers_model(cls, name: str, root: Path, component: str, dtype) -> tuple[Any, Any]:
     """(model, params) of a diffusers Flax class from Flax or PyTorch weights in ``root``."""
     weights = _weights_file(root, component)
     if weights.suffix == ".msgpack":
         return cls.from_pretrained(root, subfolder=component, dtype=dtype)
     if not _has_torch():
-        raise ModelLoadError(
-            f"model {str(root)!r} has only PyTorch weights in {component}/ ({weights.name}); "
-            "converting them needs torch: pip install torch"
-        )
+        raise _torch_needed(name, component, weights)
     # diffusers' Flax from_pretrained(from_pt=True) reads only .bin files; this is the same
     # conversion for both formats, with weights cast to float32 first (fp16/bf16 checkpoints).
     from diffusers.models.model_loading_utils import load_state_dict
@@ -267,24 +281,22 @@ def load_components(
     try:
         sigmas = sigmas_from_scheduler_config(scheduler)
         compute = DTYPES[dtype]
-        unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, root, "unet", compute)
-        if compute != jnp.float32:
-            unet_params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, compute), unet_params)
-        vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, root, "vae", jnp.float32)
+        unet, unet_params = _load_diffusers_model(
+            FlaxUNet2DConditionModel, name, root, "unet", compute
+        )
+        vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, name, root, "vae", jnp.float32)
         text_weights = _weights_file(root, "text_encoder")
         from_pt = text_weights.suffix != ".msgpack"
         if text_weights.suffix == ".bin" and not _has_torch():
-            raise ModelLoadError(
-                f"model {name!r} has only PyTorch weights in text_encoder/ ({text_weights.name}); "
-                "converting them needs torch: pip install torch"
-            )
+            raise _torch_needed(name, "text_encoder", text_weights)
         # transformers converts PyTorch weights only into an initialised model (_do_init=True).
         loaded = FlaxCLIPTextModel.from_pretrained(
             root, subfolder="text_encoder", from_pt=from_pt, dtype=jnp.float32, _do_init=from_pt
         )
         text_encoder, text_params = (loaded, loaded.params) if from_pt else loaded
-        tok_cls = CLIPTokenizer if (root / "tokenizer" / "vocab.json").is_file() else None
-        tokenizer = (tok_cls or CLIPTokenizerFast).from_pretrained(root, subfolder="tokenizer")
+        slow = (root / "tokenizer" / "vocab.json").is_file()
+        tokenizer_cls = CLIPTokenizer if slow else CLIPTokenizerFast
+        tokenizer = tokenizer_cls.from_pretrained(root, subfolder="tokenizer")
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as err:
@@ -292,11 +304,11 @@ def load_components(
         raise ModelLoadError(message) from err
     return SDComponents(
         unet=unet,
-        unet_params=unet_params,
+        unet_params=_uncommitted(unet_params, compute),
         vae=vae,
-        vae_params=vae_params,
+        vae_params=_uncommitted(vae_params),
         text_encoder=text_encoder,
-        text_params=text_params,
+        text_params=_uncommitted(text_params),
         tokenizer=tokenizer,
         sigmas=sigmas,
         prediction_type=prediction_type,
