@@ -72,12 +72,9 @@ def bench_render(repeats: int = 5) -> dict[str, Any]:
 
 def _sd15_denoiser(dtype: str):
     """A `Denoiser` around a random SD-1.5-shaped Flax UNet (CFG scale 100, 4 view embeddings)."""
-    import warnings
+    from sjc_jax.diffusion.quiet import import_flax_models
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from diffusers import FlaxUNet2DConditionModel
-
+    FlaxUNet2DConditionModel = import_flax_models()[0]
     from sjc_jax.diffusion.denoiser import Denoiser
     from sjc_jax.diffusion.schedule import ddpm_sigmas
     from sjc_jax.diffusion.stable_diffusion import DTYPES, SDComponents, make_apply

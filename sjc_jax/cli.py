@@ -16,6 +16,7 @@ import signal
 import sys
 import types
 import typing
+import warnings
 from typing import Any
 
 PROG = "sjc_jax"
@@ -112,8 +113,13 @@ def _install_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.showwarning = _show_warning
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:

@@ -268,8 +268,11 @@ def load_components(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import CLIPTokenizer, CLIPTokenizerFast, FlaxCLIPTextModel
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    from sjc_jax.diffusion.quiet import import_flax_models
+
+    FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxCLIPTextModel = import_flax_models()
 
     root = resolve_model_dir(model, revision=revision)
     check_model_dir(root)

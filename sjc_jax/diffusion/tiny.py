@@ -130,8 +130,10 @@ def _random_params(shapes, seed: int):
 
 def _write_flax_models(path: Path, seed: int, sample_size: int, vocab_size: int) -> None:
     import jax
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import FlaxCLIPTextModel
+
+    from sjc_jax.diffusion.quiet import import_flax_models
+
+    FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxCLIPTextModel = import_flax_models()
 
     key = jax.random.key(0)
     unet = FlaxUNet2DConditionModel(sample_size=sample_size, **_UNET_CONFIG)

@@ -1,0 +1,146 @@
+"""The run loop end to end: artifacts, resume equivalence (also after SIGKILL), NaN handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as imageio
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import trimesh
+
+from sjc_jax import runner
+from sjc_jax.scenes import load_grid_file
+from sjc_jax.sjc import SJCConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(model, **kw):
+    base = dict(
+        model=str(model),
+        prompt="a hamburger",
+        steps=6,
+        grid_resolution=8,
+        background_resolution=2,
+        num_previews=3,
+        checkpoint_every=2,
+        video_frames=4,
+        log_every=2,
+        emptiness_weight=10.0,
+    )
+    return SJCConfig(**{**base, **kw})
+
+
+def test_end_to_end_artifacts(tiny_sd_eps, tmp_path):
+    out = tmp_path / "run"
+    summary = runner.run(tiny_config(tiny_sd_eps), out, progress=False)
+    assert summary["steps"] == 6
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["prompt"] == "a hamburger" and saved["steps"] == 6
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    assert all(np.isfinite(x["score_norm"]) and x["finite"] for x in lines)
+    assert len(list((out / "previews").glob("*.png"))) == 3
+    final = out / "final"
+    grid, aabb, space = load_grid_file(final / "grid.npz")
+    assert space == "sd-latent" and grid.features.shape == (8, 8, 8, 4)
+    np.testing.assert_array_equal(aabb, [[-1, -1, -1], [1, 1, 1]])
+    frames = imageio.imread(final / "turntable.mp4", index=None)
+    assert frames.shape[0] == 4 and frames.ndim == 4
+    assert imageio.imread(final / "depth.mp4", index=None).shape[0] == 4
+    mesh = trimesh.load(final / "mesh.ply")
+    assert isinstance(mesh, trimesh.Trimesh | trimesh.PointCloud | trimesh.Scene)
+    assert (out / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_resume_gives_the_same_grid(tiny_sd_eps, tmp_path):
+    config = tiny_config(tiny_sd_eps, video_frames=2)
+    runner.run(config, tmp_path / "full", progress=False)
+    partial = tmp_path / "partial"
+    summary = runner.run(config, partial, progress=False, stop_after=3)  # checkpoint at 2 and 3
+    assert summary["steps"] == 3
+    with pytest.raises(runner.RunError, match="--resume"):
+        runner.run(config, partial, progress=False)
+    runner.run(None, partial, resume=True, progress=False)
+    a, _, _ = load_grid_file(tmp_path / "full" / "final" / "grid.npz")
+    b, _, _ = load_grid_file(partial / "final" / "grid.npz")
+    for f in ("density", "features", "background", "density_scale"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    steps = [json.loads(x)["step"] for x in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_sigkill_then_resume_matches(tiny_sd_eps, tmp_path):
+    """Kill the command-line run with SIGKILL after its first checkpoint, resume, compare."""
+    args = dict(steps=40, checkpoint_every=5, video_frames=2, num_previews=2, log_every=1)
+    reference = tmp_path / "reference"
+    runner.run(tiny_config(tiny_sd_eps, **args), reference, progress=False)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sjc_jax", "run", "--out", str(killed), "--no-progress"]
+    for k, v in {
+        **args,
+        "model": str(tiny_sd_eps),
+        "prompt": "a hamburger",
+        "grid_resolution": 8,
+        "background_resolution": 2,
+        "emptiness_weight": 10.0,
+    }.items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_00000010").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    runner.run(None, killed, resume=True, progress=False)
+    a, _, _ = load_grid_file(reference / "final" / "grid.npz")
+    b, _, _ = load_grid_file(killed / "final" / "grid.npz")
+    for f in ("density", "features", "background", "density_scale"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_non_finite_grid_stops_and_keeps_last_checkpoint(tiny_sd_eps, tmp_path):
+    from sjc_jax.diffusion.stable_diffusion import load_stable_diffusion
+
+    def poisoned(config):
+        den = load_stable_diffusion(config.model, prompt=config.prompt)
+        apply = den.apply
+
+        def bad_apply(params, z, sigma, label):
+            # NaN from the 4th call of the step on (the step count rides in params).
+            return jnp.where(params["poison"] > 0, jnp.nan, apply(params, z, sigma, label))
+
+        params = {**den.params, "poison": jnp.float32(0.0)}
+        return den.__class__(**{**den.__dict__, "apply": bad_apply, "params": params}), None
+
+    config = tiny_config(tiny_sd_eps, steps=4, checkpoint_every=2)
+    out = tmp_path / "nan"
+    runner.run(config, out, progress=False, build_denoiser=poisoned, stop_after=2)
+
+    def poisoned_now(config):
+        den, _ = poisoned(config)
+        params = {**den.params, "poison": jnp.float32(1.0)}
+        return den.__class__(**{**den.__dict__, "params": params}), None
+
+    with pytest.raises(runner.NonFiniteError, match="step 3"):
+        runner.run(None, out, resume=True, progress=False, build_denoiser=poisoned_now)
+    from sjc_jax.checkpoint import latest_step
+
+    assert latest_step(out / "checkpoints") == 2
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(runner.RunError, match="cannot write to output directory"):
+        runner.prepare_output(blocker / "run")
