@@ -8,7 +8,8 @@ PROMPT ?=
 MODEL ?= $(if $(PROMPT),runwayml/stable-diffusion-v1-5,testbed)
 STEPS ?=
 SEED ?= 0
-OUT ?= runs/$(if $(PROMPT),$(shell echo '$(PROMPT)' | tr -c 'a-zA-Z0-9\n' '_' | cut -c1-40),testbed)
+# A fresh directory per run, so repeating `make run` never collides with an earlier run.
+OUT ?= runs/$(if $(PROMPT),$(shell echo '$(PROMPT)' | tr -c 'a-zA-Z0-9\n' '_' | cut -c1-40),testbed)-$(shell date +%Y%m%d-%H%M%S)
 SCENE ?=
 ARGS ?=
 
