@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-size", type=int, default=8, help="latent size of the UNet")
     args = parser.parse_args(argv)
+    from sjc_jax.diffusion.quiet import silence_flax_deprecations
+
+    silence_flax_deprecations()
     out = write_tiny_pipeline(
         args.out_dir,
         seed=args.seed,
