@@ -59,38 +59,48 @@ def test_end_to_end_artifacts(tiny_sd_eps, tmp_path):
     assert (out / "checkpoints" / "step_00000006").is_dir()
 
 
-def test_resume_gives_the_same_grid(tiny_sd_eps, tmp_path):
-    config = tiny_config(tiny_sd_eps, video_frames=2)
-    runner.run(config, tmp_path / "full", progress=False)
+RESUME_ARGS = dict(steps=40, checkpoint_every=5, video_frames=2, num_previews=2, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def reference_grid(tiny_sd_eps, tmp_path_factory):
+    """The final grid of an uninterrupted run (shared by the resume tests)."""
+    out = tmp_path_factory.mktemp("reference")
+    runner.run(tiny_config(tiny_sd_eps, **RESUME_ARGS), out, progress=False)
+    return load_grid_file(out / "final" / "grid.npz")[0]
+
+
+def assert_same_grid(a, b):
+    for f in ("density", "features", "background", "density_scale"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+
+
+def test_resume_gives_the_same_grid(tiny_sd_eps, reference_grid, tmp_path):
+    config = tiny_config(tiny_sd_eps, **RESUME_ARGS)
     partial = tmp_path / "partial"
-    summary = runner.run(config, partial, progress=False, stop_after=3)  # checkpoint at 2 and 3
-    assert summary["steps"] == 3
+    summary = runner.run(config, partial, progress=False, stop_after=12)  # checkpoints 5, 10, 12
+    assert summary["steps"] == 12
     with pytest.raises(runner.RunError, match="--resume"):
         runner.run(config, partial, progress=False)
     runner.run(None, partial, resume=True, progress=False)
-    a, _, _ = load_grid_file(tmp_path / "full" / "final" / "grid.npz")
-    b, _, _ = load_grid_file(partial / "final" / "grid.npz")
-    for f in ("density", "features", "background", "density_scale"):
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert_same_grid(reference_grid, load_grid_file(partial / "final" / "grid.npz")[0])
     steps = [json.loads(x)["step"] for x in (partial / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))
+    assert steps == list(range(1, 41))
 
 
-def test_sigkill_then_resume_matches(tiny_sd_eps, tmp_path):
-    """Kill the command-line run with SIGKILL after its first checkpoint, resume, compare."""
-    args = dict(steps=40, checkpoint_every=5, video_frames=2, num_previews=2, log_every=1)
-    reference = tmp_path / "reference"
-    runner.run(tiny_config(tiny_sd_eps, **args), reference, progress=False)
+def test_sigkill_then_resume_matches(tiny_sd_eps, reference_grid, tmp_path):
+    """Kill the command-line run with SIGKILL after a checkpoint, resume, compare."""
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sjc_jax", "run", "--out", str(killed), "--no-progress"]
-    for k, v in {
-        **args,
+    flags = {
+        **RESUME_ARGS,
         "model": str(tiny_sd_eps),
         "prompt": "a hamburger",
         "grid_resolution": 8,
         "background_resolution": 2,
         "emptiness_weight": 10.0,
-    }.items():
+    }
+    for k, v in flags.items():
         cmd += ["--" + k.replace("_", "-"), str(v)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -98,15 +108,12 @@ def test_sigkill_then_resume_matches(tiny_sd_eps, tmp_path):
     while not (killed / "checkpoints" / "step_00000010").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists()
     runner.run(None, killed, resume=True, progress=False)
-    a, _, _ = load_grid_file(reference / "final" / "grid.npz")
-    b, _, _ = load_grid_file(killed / "final" / "grid.npz")
-    for f in ("density", "features", "background", "density_scale"):
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert_same_grid(reference_grid, load_grid_file(killed / "final" / "grid.npz")[0])
 
 
 def test_non_finite_grid_stops_and_keeps_last_checkpoint(tiny_sd_eps, tmp_path):
