@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sjc_jax import checkpoint, export
@@ -163,6 +165,21 @@ class _Artifacts:
         export.save_mesh(final / "mesh.ply", mesh)
 
 
+def views_mesh(config: SJCConfig) -> Mesh | None:
+    """A mesh over all devices for the step's views when they split evenly, else None."""
+    devices = jax.devices()
+    if len(devices) == 1:
+        return None
+    if config.views_per_step % len(devices):
+        warnings.warn(
+            f"using 1 of {len(devices)} devices: --views-per-step {config.views_per_step} is not "
+            f"a multiple of {len(devices)}",
+            stacklevel=2,
+        )
+        return None
+    return Mesh(np.array(devices), ("views",))
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines past ``last_step`` (written after the checkpoint a resume starts from)."""
     if not path.exists():
@@ -222,7 +239,7 @@ def run(
     size = config.image_size or denoiser.resolution
     background = None if testbed is None else testbed.background
     state = init_state(config, denoiser.channels, background=background)
-    step_fn = make_step(config, denoiser)
+    step_fn = make_step(config, denoiser, mesh=views_mesh(config))
     metrics_path = out / "metrics.jsonl"
     if resume:
         state = checkpoint.restore_checkpoint(ckpt_dir, state)

@@ -10,6 +10,7 @@ the emptiness weight and the step count are traced, so nothing recompiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from sjc_jax import losses
 from sjc_jax.camera import generate_rays, sample_training_cameras
@@ -24,7 +26,7 @@ from sjc_jax.diffusion import schedule
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.grid import VoxelGrid, init_grid
 from sjc_jax.render import RenderConfig, intersect_rays, render_rays, step_size, view_sample_count
-from sjc_jax.score import SCALES, paas_gradient
+from sjc_jax.score import SCALES, paas_gradient_from_noise
 
 Array = jax.Array
 
@@ -211,18 +213,90 @@ def _draw_sigma(config: SJCConfig, key: Array, step: Array, sigmas, batch: int) 
     )
 
 
+def _chained_gradient(
+    config: SJCConfig,
+    denoiser: Denoiser,
+    size: int,
+    grid: VoxelGrid,
+    params: Any,
+    cameras,
+    labels: Array,
+    sigma: Array,
+    noise: Array,
+    empty_w: Array,
+) -> tuple[VoxelGrid, dict[str, Array]]:
+    """Gradient contribution of ``b`` of the step's ``B`` views (all of them on one device).
+
+    ``cameras`` batched ``[b]``, ``labels, sigma [b]``, ``noise [n, b, H, W, C]``. Returns the
+    grid gradient ``sum_v J_v^T (-g_v)`` plus the regularisers' gradient (their means over the
+    step's B views, so per-device contributions add up), and sums for the metrics.
+    """
+    render_config = config.render_config()
+    views, channels, total = labels.shape[0], denoiser.channels, config.views_per_step
+    origins, directions = jax.vmap(generate_rays)(cameras)  # [b, HW, 3]
+    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+    t_min, t_max = intersect_rays(origins, directions, render_config.aabb)
+    delta = step_size(render_config, grid.density.shape)
+    k = view_sample_count(t_min.reshape(views, -1), t_max.reshape(views, -1), delta)
+
+    def render_and_regularise(grid):
+        out = render_rays(grid, origins, directions, t_min, t_max, render_config)
+        images = out.features.reshape(views, size, size, channels)
+        weights = out.weights.reshape(views, size * size, -1)
+        empty = jnp.sum(
+            jax.vmap(lambda w, kk: losses.emptiness_loss(w, kk, scale=config.emptiness_scale))(
+                weights, k
+            )
+        )
+        reg = empty_w * empty / total
+        center = jnp.zeros(())
+        if config.center_depth_weight > 0:
+            depth = out.depth.reshape(views, size, size)
+            center = jnp.sum(jax.vmap(losses.center_depth_loss)(depth))
+            reg = reg + config.center_depth_weight * center / total
+        opacity = jnp.sum(jnp.mean(out.opacity.reshape(views, -1), axis=1))
+        return (images, reg), (empty, center, opacity)
+
+    (images, reg), vjp_fn, (empty, center, opacity) = jax.vjp(
+        render_and_regularise, grid, has_aux=True
+    )
+    g = paas_gradient_from_noise(
+        denoiser.apply,
+        params,
+        images,
+        sigma,
+        labels,
+        noise,
+        var_red=config.var_red,
+        scale=config.score_scale,
+    )
+    # The chained score: J_render^T (-g) plus the regularisers' gradient, in one VJP.
+    (grads,) = vjp_fn((-g, jnp.ones_like(reg)))
+    sums = {
+        "emptiness": empty,
+        "center_depth": center,
+        "opacity": opacity,
+        "score_sq": jnp.sum(jnp.square(g)),
+        "num_samples": jnp.max(k),
+    }
+    return grads, sums
+
+
 def make_step(
-    config: SJCConfig, denoiser: Denoiser
+    config: SJCConfig, denoiser: Denoiser, *, mesh: jax.sharding.Mesh | None = None
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
     """One jitted SJC step ``(state, denoiser_params) -> (state, metrics)``; the state is donated.
 
+    With a one-axis ``mesh`` the step's B views are split over its devices (data parallel: the
+    grid and the model are replicated, each device renders and scores its views, the gradients
+    are summed across devices); B must be a multiple of the mesh size. The random draws are the
+    same as on one device, so a run gives the same result (up to summation order) either way.
     Metrics are device scalars (fetch them in batches: fetching is a host sync).
     """
     if config.t_max >= len(denoiser.sigmas):
         raise ValueError(
             f"t_max={config.t_max} is outside the model's noise table of {len(denoiser.sigmas)}"
         )
-    render_config = config.render_config()
     size = config.image_size or denoiser.resolution
     if size != denoiser.resolution:
         raise ValueError(
@@ -231,6 +305,30 @@ def make_step(
     batch, channels = config.views_per_step, denoiser.channels
     optimizer = make_optimizer(config)
     sigmas = jnp.asarray(denoiser.sigmas, jnp.float32)
+    per_device = functools.partial(_chained_gradient, config, denoiser, size)
+    local = per_device
+    if mesh is not None:
+        if len(mesh.axis_names) != 1:
+            raise ValueError(f"mesh must have one axis, got {mesh.axis_names}")
+        axis = mesh.axis_names[0]
+        if batch % mesh.size:
+            raise ValueError(
+                f"views_per_step={batch} must be a multiple of the mesh's {mesh.size} devices"
+            )
+
+        def sharded(*args):
+            grads, sums = per_device(*args)
+            num_samples = jax.lax.pmax(sums.pop("num_samples"), axis)
+            grads, sums = jax.lax.psum((grads, sums), axis)
+            return grads, {**sums, "num_samples": num_samples}
+
+        views, rep = PartitionSpec(axis), PartitionSpec()
+        local = jax.shard_map(
+            sharded,
+            mesh=mesh,
+            in_specs=(rep, rep, views, views, views, PartitionSpec(None, axis), rep),
+            out_specs=(rep, rep),
+        )
 
     def step(state: TrainState, params: Any) -> tuple[TrainState, dict[str, Array]]:
         key_cam, key_sigma, key_noise, key_next = jax.random.split(
@@ -248,11 +346,10 @@ def make_step(
         )
         if not config.view_augmentation:
             labels = jnp.zeros_like(labels)
-        origins, directions = jax.vmap(generate_rays)(cameras)  # [B, HW, 3]
-        origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
-        t_min, t_max = intersect_rays(origins, directions, render_config.aabb)
-        delta = step_size(render_config, state.grid.density.shape)
-        k = view_sample_count(t_min.reshape(batch, -1), t_max.reshape(batch, -1), delta)
+        sigma = _draw_sigma(config, key_sigma, state.step, sigmas, batch)
+        noise = jax.random.normal(
+            key_noise, (config.noise_samples, batch, size, size, channels), jnp.float32
+        )
         empty_w = losses.emptiness_weight(
             state.step,
             config.steps,
@@ -260,55 +357,22 @@ def make_step(
             multiplier=config.emptiness_multiplier,
             ramp_fraction=config.emptiness_step,
         )
-
-        def render_and_regularise(grid):
-            out = render_rays(grid, origins, directions, t_min, t_max, render_config)
-            images = out.features.reshape(batch, size, size, channels)
-            weights = out.weights.reshape(batch, size * size, -1)
-            empty = jnp.mean(
-                jax.vmap(lambda w, kk: losses.emptiness_loss(w, kk, scale=config.emptiness_scale))(
-                    weights, k
-                )
-            )
-            reg = empty_w * empty
-            center = jnp.zeros(())
-            if config.center_depth_weight > 0:
-                depth = out.depth.reshape(batch, size, size)
-                center = jnp.mean(jax.vmap(losses.center_depth_loss)(depth))
-                reg = reg + config.center_depth_weight * center
-            return (images, reg), (empty, center, jnp.mean(out.opacity))
-
-        (images, reg), vjp_fn, (empty, center, opacity) = jax.vjp(
-            render_and_regularise, state.grid, has_aux=True
-        )
-        sigma = _draw_sigma(config, key_sigma, state.step, sigmas, batch)
-        g = paas_gradient(
-            key_noise,
-            denoiser.apply,
-            params,
-            images,
-            sigma,
-            labels,
-            num_samples=config.noise_samples,
-            var_red=config.var_red,
-            scale=config.score_scale,
-        )
-        # The chained score: J_render^T (-g) plus the regularisers' gradient, in one VJP.
-        (grads,) = vjp_fn((-g, jnp.ones_like(reg)))
+        grads, sums = local(state.grid, params, cameras, labels, sigma, noise, empty_w)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.grid)
         grid = optax.apply_updates(state.grid, updates)
         finite = jnp.all(
             jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(grid)])
         )
+        elements = batch * size * size * channels
         metrics = {
             "sigma": jnp.mean(sigma),
             "label": labels[0],
-            "emptiness": empty,
+            "emptiness": sums["emptiness"] / batch,
             "emptiness_weight": empty_w,
-            "center_depth": center,
-            "opacity": opacity,
-            "score_norm": jnp.sqrt(jnp.mean(jnp.square(g))),
-            "num_samples": jnp.max(k),
+            "center_depth": sums["center_depth"] / batch,
+            "opacity": sums["opacity"] / batch,
+            "score_norm": jnp.sqrt(sums["score_sq"] / elements),
+            "num_samples": sums["num_samples"],
             "finite": finite,
         }
         new_state = TrainState(
