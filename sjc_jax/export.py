@@ -49,19 +49,6 @@ _VIRIDIS = np.array(
     ]
 )
 
-# Linear map from Stable Diffusion 1.x latents (already scaled by 0.18215, i.e. what the UNet
-# and the SJC grid hold) to RGB in [-1, 1]: rows are latent channels, columns R, G, B. The
-# least-squares fit published with AUTOMATIC1111's web UI and used by ComfyUI's SD15 previews.
-SD_LATENT_RGB_FACTORS = np.array(
-    [
-        [0.298, 0.207, 0.208],
-        [0.187, 0.286, 0.173],
-        [-0.158, 0.189, 0.264],
-        [-0.184, -0.271, -0.473],
-    ],
-    np.float32,
-)
-
 
 @contextlib.contextmanager
 def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -162,17 +149,6 @@ def colorize_depth(depth, *, near: float | None = None, far: float | None = None
     clipped = np.clip(np.where(finite, depth, far), near, far)
     s = (1.0 / clipped - 1.0 / far) / (1.0 / near - 1.0 / far)
     return viridis(s).astype(np.float32)
-
-
-def approximate_latent_rgb(latents):
-    """Cheap RGB preview ``[..., 3]`` in [0, 1] of Stable Diffusion latents ``[..., 4]``.
-
-    A linear map (`SD_LATENT_RGB_FACTORS`) instead of the VAE decoder, for vertex colours and
-    quick previews; accepts numpy or jax arrays (and works under jit).
-    """
-    if latents.shape[-1] != 4:
-        raise ValueError(f"latents must have 4 channels, got shape {latents.shape}")
-    return ((latents @ SD_LATENT_RGB_FACTORS + 1.0) * 0.5).clip(0.0, 1.0)
 
 
 def _video_frames(frames) -> np.ndarray:
@@ -307,7 +283,7 @@ def extract_mesh(
 
     Args:
       density: ``[X, Y, Z]`` activated density sigma (``grid.activate_density``), finite.
-      colors: ``[X, Y, Z, 3]`` appearance in [0, 1] (decoded or `approximate_latent_rgb`).
+      colors: ``[X, Y, Z, 3]`` appearance in [0, 1] (decoded, or `latent_to_rgb_approx`).
       aabb: ``((xlo, ylo, zlo), (xhi, yhi, zhi))`` box covered by the grid.
       threshold: iso-level of density; default `default_density_threshold` (opacity 0.5 per
         render step).

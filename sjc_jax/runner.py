@@ -154,7 +154,9 @@ class _Artifacts:
         if self.denoiser.feature_space == "rgb":
             colors = np.clip(feats, 0.0, 1.0)
         else:
-            colors = np.asarray(export.approximate_latent_rgb(feats))
+            from sjc_jax.diffusion.stable_diffusion import latent_to_rgb_approx
+
+            colors = np.asarray(latent_to_rgb_approx(feats))
         mesh = export.extract_mesh(
             density,
             colors,

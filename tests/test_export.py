@@ -12,8 +12,6 @@ import pytest
 import trimesh
 
 from sjc_jax.export import (
-    SD_LATENT_RGB_FACTORS,
-    approximate_latent_rgb,
     colorize_depth,
     default_density_threshold,
     extract_mesh,
@@ -99,18 +97,6 @@ def test_colorize_depth_sequences_and_edge_cases():
     np.testing.assert_allclose(explicit[0, 2], explicit[0, 1], atol=1e-6)
     with pytest.raises(ValueError, match="depth"):
         colorize_depth(np.zeros(5))
-
-
-def test_approximate_latent_rgb_against_reference():
-    rng = np.random.default_rng(1)
-    latents = rng.normal(size=(3, 5, 4)).astype(np.float32)
-    expected = np.clip(
-        (np.einsum("hwl,lr->hwr", latents.astype(np.float64), SD_LATENT_RGB_FACTORS) + 1) / 2,
-        0,
-        1,
-    )
-    np.testing.assert_allclose(approximate_latent_rgb(latents), expected, atol=1e-6)
-    np.testing.assert_allclose(approximate_latent_rgb(jnp.asarray(latents)), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize(("size", "frames", "dtype"), [(8, 5, np.uint8), (64, 7, np.float32)])
