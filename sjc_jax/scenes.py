@@ -36,9 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjc_jax.camera import Camera, make_camera, sample_training_cameras, sjc_eye, view_label
+from sjc_jax.camera import (
+    Camera,
+    generate_rays,
+    make_camera,
+    sample_training_cameras,
+    sjc_eye,
+    view_label,
+)
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
-from sjc_jax.render import RenderConfig, render_view
+from sjc_jax.render import RenderConfig, render_rays
 
 Array = jax.Array
 
@@ -367,8 +374,14 @@ def load_grid_file(path) -> tuple[VoxelGrid, np.ndarray, str]:
 
 
 def _render_batch_impl(grid: VoxelGrid, cameras: Camera, config: RenderConfig):
-    views = jax.vmap(lambda camera: render_view(grid, camera, config))(cameras)
-    return views.image, views.depth, views.opacity
+    # The rays of all cameras go through ONE `render_rays` call rather than a vmap of
+    # `render_view`: under vmap the renderer's `lax.switch` over packed-lookup tiers has a batched
+    # index and turns into a select that runs every branch (4x the work, ~5x the time).
+    origins, directions = jax.vmap(generate_rays)(cameras)  # [N, H * W, 3]
+    num, height, width = origins.shape[0], cameras.height, cameras.width
+    out = render_rays(grid, origins.reshape(-1, 3), directions.reshape(-1, 3), config=config)
+    shape = (num, height, width)
+    return out.features.reshape(*shape, -1), out.depth.reshape(shape), out.opacity.reshape(shape)
 
 
 # One compiled program per (shapes, config); the grid is an argument, never a constant.
