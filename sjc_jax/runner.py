@@ -35,7 +35,7 @@ from sjc_jax.camera import Camera, make_camera, sjc_eye, turntable_path
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.grid import activate_density
 from sjc_jax.render import render_view
-from sjc_jax.scenes import save_grid_file
+from sjc_jax.scenes import render_views, save_grid_file
 from sjc_jax.sjc import SJCConfig, TrainState, init_state, make_step
 
 
@@ -111,9 +111,6 @@ class _Artifacts:
         self.config, self.denoiser, self.size = config, denoiser, size
         render_config = config.render_config()
         self._render = jax.jit(lambda grid, cam: render_view(grid, cam, render_config))
-        self._render_many = jax.jit(
-            jax.vmap(lambda grid, cam: render_view(grid, cam, render_config)[:2], (None, 0))
-        )
 
     def preview(self, grid, path: Path) -> None:
         view = self._render(grid, preview_camera(self.size, self.config.radius))
@@ -130,20 +127,18 @@ class _Artifacts:
             height=self.size,
             width=self.size,
         )
-        images, depths = [], []
-        chunk, total = 10, self.config.video_frames
-        # Pad to whole chunks so every chunk has one shape (one compilation).
-        index = np.minimum(np.arange(-(-total // chunk) * chunk), total - 1)
-        for start in range(0, total, chunk):
-            part = jax.tree_util.tree_map(lambda a, s=start: a[index[s : s + chunk]], cams)
-            img, dep = self._render_many(grid, part)
-            keep = min(chunk, total - start)
-            images.append(_to_rgb(self.denoiser, np.asarray(img)[:keep]))
-            depths.append(np.asarray(dep)[:keep])
-        export.save_video(final / "turntable.mp4", np.concatenate(images))
-        export.save_video(
-            final / "depth.mp4", export.colorize_depth(np.concatenate(depths), near=0.3, far=10.0)
+        # One render_rays call per chunk of cameras (a vmap of render_view would run every
+        # packed-lookup tier of its lax.switch).
+        images, depths, _ = render_views(grid, cams, self.config.render_config(), chunk_size=10)
+        rgb = np.concatenate(
+            [
+                _to_rgb(self.denoiser, np.asarray(images[i : i + 10]))
+                for i in range(0, len(images), 10)
+            ]
         )
+        depths = np.asarray(depths)
+        export.save_video(final / "turntable.mp4", rgb)
+        export.save_video(final / "depth.mp4", export.colorize_depth(depths, near=0.3, far=10.0))
 
     def mesh(self, grid, final: Path) -> None:
         config = self.config
