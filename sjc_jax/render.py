@@ -48,6 +48,8 @@ class RenderConfig:
     # Performance only (results are bitwise the same): sizes of the packed field lookup as
     # fractions of the N x S dense samples; the smallest that holds a view's valid samples runs
     # (SJC training views fill 50-74 %), the dense lookup is the fallback. () = always dense.
+    # Under jax.vmap the switch becomes a select that runs every tier: render a batch of views
+    # by flattening their rays into one `render_rays` call instead (as `make_step` does).
     compact_tiers: tuple[float, ...] = (0.55, 0.65, 0.75)
 
     def __post_init__(self):
