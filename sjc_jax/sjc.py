@@ -147,6 +147,15 @@ class SJCConfig:
         if not 0 <= self.emptiness_step <= 1:
             raise ValueError(f"emptiness_step must lie in [0, 1], got {self.emptiness_step}")
 
+    def camera_distribution(self) -> dict[str, Any]:
+        """The keyword arguments of `sample_training_cameras` for this config's cameras."""
+        return dict(
+            radius=self.radius,
+            max_v_deg=self.max_v_deg,
+            fov_range_deg=(self.fov_min_deg, self.fov_max_deg),
+            overhead_deg=self.overhead_deg,
+        )
+
     def render_config(self) -> RenderConfig:
         return RenderConfig(
             step_ratio=self.step_ratio,
@@ -335,14 +344,7 @@ def make_step(
             jax.random.wrap_key_data(state.key), 4
         )
         cameras, labels = sample_training_cameras(
-            key_cam,
-            batch,
-            radius=config.radius,
-            max_v_deg=config.max_v_deg,
-            fov_range_deg=(config.fov_min_deg, config.fov_max_deg),
-            overhead_deg=config.overhead_deg,
-            height=size,
-            width=size,
+            key_cam, batch, **config.camera_distribution(), height=size, width=size
         )
         if not config.view_augmentation:
             labels = jnp.zeros_like(labels)

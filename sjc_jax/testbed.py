@@ -249,14 +249,7 @@ def build_testbed(
     render_config = _scene_render_config(config, aabb)
     size = _render_size(config)
     cameras, labels = sample_training_cameras(
-        key,
-        config.testbed_views,
-        radius=config.radius,
-        max_v_deg=config.max_v_deg,
-        fov_range_deg=(config.fov_min_deg, config.fov_max_deg),
-        overhead_deg=config.overhead_deg,
-        height=size,
-        width=size,
+        key, config.testbed_views, **config.camera_distribution(), height=size, width=size
     )
     images, _, _ = scenes.render_views(ground_truth, cameras, render_config, chunk_size=64)
     images, labels = np.asarray(images), np.asarray(labels)
