@@ -225,3 +225,23 @@ def test_short_lift_raises_psnr(tiny_testbed):
     # Measured: 7.8 -> 27.1 dB in 200 steps (IoU 0.21 -> 0.40: 16 px silhouettes are coarse, so
     # only PSNR is asserted; IoU is calibrated at the preset's sizes, see testbed_config).
     assert after["psnr"] > before["psnr"] + 12.0, (before["psnr"], after["psnr"])
+
+
+@pytest.mark.slow
+def test_preset_recovers_an_unseen_scene_from_a_grid_file(tmp_path):
+    """The full preset on a scene no calibration saw, through a grid file (~1-2 min)."""
+    points = scenes.voxel_centers(testbed.SCENE_RESOLUTION)
+    voxel = 2.0 / testbed.SCENE_RESOLUTION
+    parts = [  # a lamp: green base, grey pole, orange shade tilted towards -x, a red knob at +z
+        (scenes.cylinder(points, (0.0, -0.45, 0.0), 0.3, 0.05), np.array((0.1, 0.6, 0.3))),
+        (scenes.cylinder(points, (0.0, -0.05, 0.0), 0.04, 0.38), np.array((0.5, 0.5, 0.55))),
+        (scenes.ellipsoid(points, (-0.12, 0.4, 0.0), (0.3, 0.16, 0.26)), np.array((1.0, 0.6, 0.1))),
+        (scenes.sphere(points, (0.0, -0.38, 0.22), 0.06), np.array((0.9, 0.1, 0.1))),
+    ]
+    path = tmp_path / "lamp.npz"
+    scenes.save_grid_file(path, scenes.scene_from_parts(parts, voxel), feature_space="rgb")
+    config = testbed.testbed_config(scene=str(path))
+    ground_truth, aabb, _ = testbed.load_scene(config.scene)
+    tb = testbed.build_testbed(config, ground_truth, key=jax.random.key(config.seed), aabb=aabb)
+    result = testbed.evaluate(testbed.lift(config, tb).grid, tb, config)
+    assert result["psnr"] >= 28.0 and result["iou"] >= 0.8, result
