@@ -15,7 +15,11 @@ Conventions of this module:
   surface; the lifts ended semi-transparent (silhouette IoU 0.6-0.7 on a light-blue object,
   PSNR above 32 dB all the same). A background that changes with the viewing direction shows
   through a faint volume differently in every view, so only an opaque surface fits (IoU 0.985 on
-  the same object, and faster convergence on every scene).
+  the same object, and faster convergence on every scene). It also tells the empirical denoiser
+  the pose: the background around the object differs with the camera, so the image of the set
+  nearest to a render is one from a nearby camera. Over white, a nearly symmetric object matched
+  images of the wrong pose (the mug's handle never formed, the house turned). So this testbed
+  checks score chaining through the renderer, not the pose ambiguity (Janus) of a real 2D prior.
 * The lift's box is SJC's ``[-1, 1]^3`` (``SJCConfig.render_config()``); the ground truth is
   rendered over its own ``aabb`` (a grid file may cover another box; only the part inside
   ``[-1, 1]^3`` can be recovered).
