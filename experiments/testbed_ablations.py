@@ -88,9 +88,9 @@ def run_variant(name: str, bases: dict, steps: int | None) -> list[dict]:
     return results
 
 
-def _mean_std(values) -> str:
+def _mean_std(values, digits: int = 2) -> str:
     values = np.asarray(values, np.float64)
-    return f"{values.mean():.2f} ± {values.std():.2f}"
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
 def table(results: dict[str, list[dict]], scenes: list[str], seeds: list[int]) -> str:
@@ -106,10 +106,12 @@ def table(results: dict[str, list[dict]], scenes: list[str], seeds: list[int]) -
         for s in scenes:
             mine = [r for r in runs if r["scene"] == s]
             psnr_s, iou_s = np.mean([r["psnr"] for r in mine]), np.mean([r["iou"] for r in mine])
-            per_scene.append(f"{psnr_s:.1f} / {iou_s:.2f}")
+            per_scene.append(f"{psnr_s:.1f} / {iou_s:.3f}")
         lines.append(
-            f"| {name} | {_mean_std(psnr)} | {_mean_std(iou)} | {min(psnr):.2f} | {min(iou):.2f} "
-            f"| {np.mean([r['seconds'] for r in runs]):.0f} | " + " | ".join(per_scene) + " |"
+            f"| {name} | {_mean_std(psnr)} | {_mean_std(iou, 3)} | {min(psnr):.2f} "
+            f"| {min(iou):.3f} | {np.mean([r['seconds'] for r in runs]):.0f} | "
+            + " | ".join(per_scene)
+            + " |"
         )
     return "\n".join(lines)
 
