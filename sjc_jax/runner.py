@@ -337,8 +337,8 @@ def load_denoiser(config: SJCConfig) -> tuple[Denoiser, Any]:
     if config.model == "testbed":
         from sjc_jax import testbed
 
-        ground_truth, _, _ = testbed.load_scene(config.scene)
-        tb = testbed.build_testbed(config, ground_truth, key=jax.random.key(config.seed))
+        ground_truth, aabb, _ = testbed.load_scene(config.scene)
+        tb = testbed.build_testbed(config, ground_truth, key=jax.random.key(config.seed), aabb=aabb)
         return tb.denoiser, tb
     from sjc_jax.diffusion.stable_diffusion import load_stable_diffusion
 
