@@ -350,6 +350,7 @@ def load_denoiser(config: SJCConfig) -> tuple[Denoiser, Any]:
         guidance_scale=config.guidance_scale,
         view_augmentation=config.view_augmentation,
         negative_prompt=config.negative_prompt,
+        attention=config.attention,
     )
     return denoiser, None
 

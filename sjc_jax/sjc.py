@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec
 from sjc_jax import losses
 from sjc_jax.camera import generate_rays, sample_training_cameras
 from sjc_jax.diffusion import schedule
+from sjc_jax.diffusion.attention import ATTENTION_KINDS
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.grid import VoxelGrid, init_grid
 from sjc_jax.render import RenderConfig, intersect_rays, render_rays, step_size, view_sample_count
@@ -43,6 +44,7 @@ class SJCConfig:
     model: str = "testbed"  # hub id or local diffusers directory, or "testbed"
     revision: str | None = None  # hub revision of the model
     dtype: str = "float32"  # UNet compute dtype: float32 or bfloat16
+    attention: str = "auto"  # UNet attention kernel: auto, diffusers, xla or cudnn
     scene: str | None = None  # testbed: a built-in scene name or a grid file (.npz)
     # --- run
     steps: int = 10000  # optimisation steps
@@ -117,6 +119,8 @@ class SJCConfig:
             raise ValueError(f"image_size must be at least 8, got {self.image_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.sigma_schedule not in SIGMA_SCHEDULES:
             raise ValueError(
                 f"sigma_schedule must be one of {SIGMA_SCHEDULES}, got {self.sigma_schedule!r}"

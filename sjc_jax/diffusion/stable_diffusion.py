@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sjc_jax.diffusion.attention import attention_context, resolve_attention
 from sjc_jax.diffusion.denoiser import (
     PREDICTION_TYPES,
     ApplyFn,
@@ -350,13 +351,17 @@ def view_conditioning(
     return {"cond": emb[:4], "uncond": emb[4]}
 
 
-def make_apply(components: SDComponents, *, guidance_scale: float = 100.0) -> ApplyFn:
+def make_apply(
+    components: SDComponents, *, guidance_scale: float = 100.0, attention: str = "auto"
+) -> ApplyFn:
     """The jittable VE denoiser ``(params, z [B, H, W, 4], sigma [B], label [B]) -> D`` float32.
 
     ``params = {"unet", "cond", "uncond"}`` (module docstring). With CFG (``guidance_scale !=
-    1``) the UNet runs once at batch 2B, the unconditional half first.
+    1``) the UNet runs once at batch 2B, the unconditional half first. ``attention`` picks the
+    UNet's attention kernel (`sjc_jax.diffusion.attention`; the same function either way).
     """
     unet, dtype, prediction_type = components.unet, components.dtype, components.prediction_type
+    kernel = resolve_attention(attention, dtype)
     sigmas = np.asarray(components.sigmas)
     guided = guidance_scale != 1.0
 
@@ -373,12 +378,13 @@ def make_apply(components: SDComponents, *, guidance_scale: float = 100.0) -> Ap
             context = jnp.concatenate([uncond, context])
         else:
             x2, t2, sigma2 = x, t, sigma
-        out = unet.apply(
-            {"params": params["unet"]},
-            jnp.transpose(x2, (0, 3, 1, 2)).astype(dtype),
-            t2,
-            context.astype(dtype),
-        ).sample
+        with attention_context(kernel):
+            out = unet.apply(
+                {"params": params["unet"]},
+                jnp.transpose(x2, (0, 3, 1, 2)).astype(dtype),
+                t2,
+                context.astype(dtype),
+            ).sample
         out = jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
         eps = model_output_to_eps(out, x2, sigma2, prediction_type)
         if guided:
@@ -419,6 +425,7 @@ def load_stable_diffusion(
     guidance_scale: float = 100.0,
     view_augmentation: bool = True,
     negative_prompt: str = "",
+    attention: str = "auto",
 ) -> Denoiser:
     """Stable Diffusion as a `Denoiser` for ``prompt`` (view-augmented unless turned off).
 
@@ -426,6 +433,7 @@ def load_stable_diffusion(
     `view_conditioning` and `make_apply` for the rest.
     """
     view_prompts(prompt, view_augmentation=view_augmentation)  # refuse a bad prompt before loading
+    resolve_attention(attention, DTYPES.get(dtype, jnp.float32))  # and a bad attention kind
     components = load_components(model, revision=revision, dtype=dtype)
     params = {
         "unet": components.unet_params,
@@ -438,7 +446,7 @@ def load_stable_diffusion(
     }
     config = components.unet.config
     return Denoiser(
-        apply=make_apply(components, guidance_scale=guidance_scale),
+        apply=make_apply(components, guidance_scale=guidance_scale, attention=attention),
         params=params,
         sigmas=components.sigmas,
         channels=int(config.out_channels),
