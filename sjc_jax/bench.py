@@ -5,7 +5,10 @@
   ``samples_per_s`` counts the view's N x k samples (the original's work) per second of it.
 * ``step_ms_float32`` / ``step_ms_bfloat16``: one whole SJC step (camera, render, UNet with
   classifier-free guidance at batch 2, VJP, Adamax update) with a random-initialised UNet of
-  Stable Diffusion 1.5's shape at 64 x 64 latents (no weights needed); ``compile_s_*`` apart.
+  Stable Diffusion 1.5's shape at 64 x 64 latents (no weights needed), with the default
+  attention kernel (``attention="auto"``); ``compile_s_*`` apart.
+* ``--dtypes`` / ``--attention`` (comma lists) choose the steps timed: every pair, keys suffixed
+  by the kernel unless it is ``auto`` (``step_ms_bfloat16_xla``; `sjc_jax.diffusion.attention`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sjc_jax.camera import make_camera, sjc_eye
+from sjc_jax.diffusion.attention import resolve_attention
 from sjc_jax.grid import init_grid
 from sjc_jax.render import RenderConfig, render_view
 
@@ -70,8 +74,31 @@ def bench_render(repeats: int = 5) -> dict[str, Any]:
     }
 
 
-def _sd15_denoiser(dtype: str):
-    """A `Denoiser` around a random SD-1.5-shaped Flax UNet (CFG scale 100, 4 view embeddings)."""
+def _random_params(shapes: Any, dtype: Any) -> Any:
+    """Random weights of the given shapes: kernels ~ N(0, 1 / fan_in), norm scales 1, biases 0.
+
+    Cheaper than compiling the model's own initialiser (minutes for SD's UNet on a GPU, where
+    XLA autotunes it), and as good for timing: same shapes, finite activations.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    out = []
+    for key, (path, leaf) in zip(keys, leaves):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if len(leaf.shape) >= 2:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = jax.random.normal(key, leaf.shape, jnp.float32) * fan_in**-0.5
+        else:
+            value = jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
+        out.append(value.astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _sd15_denoiser(dtype: str, attention: str = "auto", unet_config: dict | None = None):
+    """A `Denoiser` around a random SD-1.5-shaped Flax UNet (CFG scale 100, 4 view embeddings).
+
+    ``unet_config`` replaces `SD15_UNET` (tests use a tiny one).
+    """
     from sjc_jax.diffusion.quiet import import_flax_models
 
     FlaxUNet2DConditionModel = import_flax_models()[0]
@@ -80,9 +107,9 @@ def _sd15_denoiser(dtype: str):
     from sjc_jax.diffusion.stable_diffusion import DTYPES, SDComponents, make_apply
 
     compute = DTYPES[dtype]
-    unet = FlaxUNet2DConditionModel(**SD15_UNET, dtype=compute)
-    params = jax.jit(unet.init_weights)(jax.random.key(0))
-    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, compute), params)
+    unet_config = SD15_UNET if unet_config is None else unet_config
+    unet = FlaxUNet2DConditionModel(**unet_config, dtype=compute)
+    params = _random_params(jax.eval_shape(unet.init_weights, jax.random.key(0)), compute)
     components = SDComponents(
         unet=unet,
         unet_params=params,
@@ -98,30 +125,39 @@ def _sd15_denoiser(dtype: str):
         name=f"random-sd15-{dtype}",
     )
     key_c, key_u = jax.random.split(jax.random.key(1))
+    width = unet_config["cross_attention_dim"]
     cond = {
         "unet": params,
-        "cond": jax.random.normal(key_c, (4, 77, 768)),
-        "uncond": jax.random.normal(key_u, (77, 768)),
+        "cond": jax.random.normal(key_c, (4, 77, width)),
+        "uncond": jax.random.normal(key_u, (77, width)),
     }
     return Denoiser(
-        apply=make_apply(components, guidance_scale=100.0),
+        apply=make_apply(components, guidance_scale=100.0, attention=attention),
         params=cond,
         sigmas=ddpm_sigmas(),
-        channels=4,
-        resolution=64,
+        channels=unet_config["out_channels"],
+        resolution=unet_config["sample_size"],
         feature_space="sd-latent",
         decode=lambda x: x,
         name=components.name,
     )
 
 
-def bench_step(dtype: str, repeats: int = 5) -> dict[str, Any]:
+def bench_step(
+    dtype: str,
+    repeats: int = 5,
+    *,
+    attention: str = "auto",
+    suffix: str = "",
+    unet_config: dict | None = None,
+) -> dict[str, Any]:
+    """``step_ms_<dtype><suffix>`` (median) and ``compile_s_...`` of one SJC step."""
     from sjc_jax.sjc import SJCConfig, init_state, make_step
 
-    denoiser = _sd15_denoiser(dtype)
-    config = SJCConfig(model="bench", prompt="bench", dtype=dtype)
+    denoiser = _sd15_denoiser(dtype, attention, unet_config)
+    config = SJCConfig(model="bench", prompt="bench", dtype=dtype, attention=attention)
     step = make_step(config, denoiser)
-    state = init_state(config, 4)
+    state = init_state(config, denoiser.channels)
     start = time.perf_counter()
     state, metrics = step(state, denoiser.params)
     jax.block_until_ready(metrics)
@@ -133,17 +169,37 @@ def bench_step(dtype: str, repeats: int = 5) -> dict[str, Any]:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     if not np.isfinite(float(metrics["score_norm"])):
-        raise ValueError(f"bench step produced a non-finite score ({dtype})")
-    return {f"step_ms_{dtype}": 1e3 * statistics.median(times), f"compile_s_{dtype}": compile_s}
+        raise ValueError(f"bench step produced a non-finite score ({dtype}, {attention})")
+    name = f"{dtype}{suffix}"
+    return {f"step_ms_{name}": 1e3 * statistics.median(times), f"compile_s_{name}": compile_s}
 
 
-def run_bench(*, repeats: int = 5, parts=("render", "step")) -> dict[str, Any]:
-    """All timings as one JSON-serialisable dict."""
+def run_bench(
+    *,
+    repeats: int = 5,
+    parts=("render", "step"),
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    attention: tuple[str, ...] = ("auto",),
+    report=lambda part: None,
+) -> dict[str, Any]:
+    """All timings as one JSON-serialisable dict.
+
+    The step is timed for every ``dtypes`` x ``attention`` pair, in that order (a pair whose
+    kernel resolves to one timed already is skipped); a kind other than ``"auto"`` suffixes its
+    keys (``step_ms_bfloat16_xla``). ``report`` receives each part's dict as soon as it is done.
+    """
+    from sjc_jax.diffusion.stable_diffusion import DTYPES
+
     unknown = set(parts) - {"render", "step"}
     if unknown:
         raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from render, step")
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        for kind in attention:
+            resolve_attention(kind, DTYPES[dtype])
     device = jax.devices()[0]
     result: dict[str, Any] = {
         "backend": jax.default_backend(),
@@ -152,8 +208,18 @@ def run_bench(*, repeats: int = 5, parts=("render", "step")) -> dict[str, Any]:
         "repeats": repeats,
     }
     if "render" in parts:
-        result.update(bench_render(repeats))
+        part = bench_render(repeats)
+        report(part)
+        result.update(part)
     if "step" in parts:
-        for dtype in ("float32", "bfloat16"):
-            result.update(bench_step(dtype, repeats))
+        for dtype in dtypes:
+            timed = set()
+            for kind in attention:
+                if resolve_attention(kind, DTYPES[dtype]) in timed:
+                    continue  # e.g. auto is diffusers' kernel for float32: timed already
+                timed.add(resolve_attention(kind, DTYPES[dtype]))
+                suffix = "" if kind == "auto" else f"_{kind}"
+                part = bench_step(dtype, repeats, attention=kind, suffix=suffix)
+                report(part)
+                result.update(part)
     return result

@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--parts", default="render,step", help="comma list of render, step (step needs ~4 GB)"
     )
+    bench.add_argument(
+        "--dtypes", default="float32,bfloat16", help="comma list of UNet dtypes of the step"
+    )
+    bench.add_argument(
+        "--attention",
+        default="auto",
+        help="comma list of UNet attention kernels of the step (auto, diffusers, xla, cudnn)",
+    )
     return parser
 
 
@@ -128,7 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         from sjc_jax.bench import run_bench
 
         try:
-            print(json.dumps(run_bench(repeats=args.repeats, parts=args.parts.split(","))))
+            result = run_bench(
+                repeats=args.repeats,
+                parts=tuple(args.parts.split(",")),
+                dtypes=tuple(args.dtypes.split(",")),
+                attention=tuple(args.attention.split(",")),
+                report=lambda part: print(
+                    f"{PROG}: bench: {json.dumps(part)}", file=sys.stderr, flush=True
+                ),
+            )
+            print(json.dumps(result))
         except ValueError as err:
             return _fail(str(err))
         return 0
