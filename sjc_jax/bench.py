@@ -83,7 +83,7 @@ def _random_params(shapes: Any, dtype: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     out = []
-    for key, (path, leaf) in zip(keys, leaves):
+    for key, (path, leaf) in zip(keys, leaves, strict=True):
         name = str(getattr(path[-1], "key", path[-1]))
         if len(leaf.shape) >= 2:
             fan_in = int(np.prod(leaf.shape[:-1]))
