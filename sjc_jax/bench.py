@@ -215,9 +215,10 @@ def run_bench(
         for dtype in dtypes:
             timed = set()
             for kind in attention:
-                if resolve_attention(kind, DTYPES[dtype]) in timed:
+                kernel = resolve_attention(kind, DTYPES[dtype])
+                if kernel in timed:
                     continue  # e.g. auto is diffusers' kernel for float32: timed already
-                timed.add(resolve_attention(kind, DTYPES[dtype]))
+                timed.add(kernel)
                 suffix = "" if kind == "auto" else f"_{kind}"
                 part = bench_step(dtype, repeats, attention=kind, suffix=suffix)
                 report(part)

@@ -163,3 +163,31 @@ def test_bench_refuses_bad_values_in_one_line(flags, message, capsys):
     assert cli.main(["bench", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU resolution rules")
+def test_bench_times_each_dtype_and_kernel_once(monkeypatch):
+    from sjc_jax import bench
+
+    calls, reported = [], []
+
+    def fake_step(dtype, repeats, *, attention, suffix):
+        calls.append((dtype, attention))
+        return {f"step_ms_{dtype}{suffix}": 1.0}
+
+    monkeypatch.setattr(bench, "bench_step", fake_step)
+    result = bench.run_bench(
+        parts=("step",),
+        dtypes=("bfloat16", "float32"),
+        attention=("auto", "diffusers", "xla"),
+        report=reported.append,
+    )
+    # On a CPU auto is diffusers' kernel for both dtypes: timed once as "auto".
+    assert calls == [
+        ("bfloat16", "auto"),
+        ("bfloat16", "xla"),
+        ("float32", "auto"),
+        ("float32", "xla"),
+    ]
+    assert reported == [{k: v} for k, v in result.items() if k.startswith("step_ms")]
+    assert set(result) >= {"step_ms_bfloat16", "step_ms_bfloat16_xla", "step_ms_float32_xla"}
