@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjc_jax.score import paas_gradient
+from sjc_jax import estimators
+from sjc_jax.diffusion.denoiser import Denoiser
+from sjc_jax.diffusion.schedule import ddpm_sigmas
 
 
 def main() -> None:
@@ -40,11 +42,12 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     direction = (mu - x) / jnp.linalg.norm(mu - x)
 
+    denoiser = Denoiser(apply, None, ddpm_sigmas(), 1, side, "rgb", lambda images: images)
+
     def projected(key, sigma, var_red):
-        g = paas_gradient(
-            key, apply, None, x, jnp.array([sigma]), jnp.array([0]), var_red=var_red, scale="sigma2"
-        )
-        return jnp.sum(direction * g)
+        estimate = estimators.sjc(guidance_scale=1.0, var_red=var_red, scale="sigma2")
+        cotangent, _ = estimate(key, denoiser, None, x, jnp.array([sigma]), jnp.array([0]))
+        return jnp.sum(direction * -cotangent)  # the estimator returns the descent direction
 
     for i, sigma in enumerate((0.1, 0.3, 1.0, 3.0)):
         keys = jax.random.split(jax.random.key(i), args.samples)

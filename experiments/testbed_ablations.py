@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     config = testbed.testbed_config(**({} if args.steps is None else {"steps": args.steps}))
     text = (
         f"Testbed ablations: {len(args.scenes)} scenes x {len(args.seeds)} seeds "
-        f"(seeds {args.seeds}), {config.steps} steps each; mean ± std over all lifts. "
+        f"(seeds {args.seeds}), {config.run.steps} steps each; mean ± std over all lifts. "
         f"s / lift: the steps of one lift (plus one compilation per variant); building an "
         f"image set took {np.mean(build_seconds):.0f} s.\n\n"
         + table(results, args.scenes, args.seeds)

@@ -28,9 +28,9 @@ def main() -> None:
     config = testbed.testbed_config(**overrides)
 
     start = time.perf_counter()
-    scene, aabb, _ = testbed.load_scene(config.scene)
-    name = config.scene or "duck"
-    tb = testbed.build_testbed(config, scene, key=jax.random.key(config.seed), aabb=aabb)
+    scene, aabb, _ = testbed.load_scene(config.testbed.scene)
+    name = config.testbed.scene or "duck"
+    tb = testbed.build_testbed(config, scene, key=jax.random.key(config.run.seed), aabb=aabb)
     jax.block_until_ready(tb.denoiser.params)
     built = time.perf_counter() - start
 
@@ -41,15 +41,15 @@ def main() -> None:
     jax.block_until_ready(state)
     compiled = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(config.steps - 1):
+    for _ in range(config.run.steps - 1):
         state, _ = step(state, tb.denoiser.params)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
     result = testbed.evaluate(state.grid, tb, config)
-    per_step = 1e3 * seconds / max(config.steps - 1, 1)
+    per_step = 1e3 * seconds / max(config.run.steps - 1, 1)
     print(
         f"testbed {name} on {jax.devices()[0].device_kind}: image set {built:.1f} s, "
-        f"compile {compiled:.1f} s, {config.steps - 1} steps {seconds:.2f} s "
+        f"compile {compiled:.1f} s, {config.run.steps - 1} steps {seconds:.2f} s "
         f"({per_step:.2f} ms/step), "
         f"PSNR {result['psnr']:.2f} dB, IoU {result['iou']:.3f}"
     )

@@ -95,7 +95,8 @@ def _random_params(shapes: Any, dtype: Any) -> Any:
 
 
 def _sd15_denoiser(dtype: str, attention: str = "auto", unet_config: dict | None = None):
-    """A `Denoiser` around a random SD-1.5-shaped Flax UNet (CFG scale 100, 4 view embeddings).
+    """A `Denoiser` around a random SD-1.5-shaped Flax UNet (4 view embeddings; the step's SJC
+    estimator guides it at scale 100 with one UNet call of batch 2).
 
     ``unet_config`` replaces `SD15_UNET` (tests use a tiny one).
     """
@@ -124,15 +125,16 @@ def _sd15_denoiser(dtype: str, attention: str = "auto", unet_config: dict | None
         dtype=compute,
         name=f"random-sd15-{dtype}",
     )
-    key_c, key_u = jax.random.split(jax.random.key(1))
+    key_c, key_u, key_n = jax.random.split(jax.random.key(1), 3)
     width = unet_config["cross_attention_dim"]
     cond = {
         "unet": params,
         "cond": jax.random.normal(key_c, (4, 77, width)),
         "uncond": jax.random.normal(key_u, (77, width)),
+        "negative": jax.random.normal(key_n, (77, width)),
     }
     return Denoiser(
-        apply=make_apply(components, guidance_scale=100.0, attention=attention),
+        apply=make_apply(components, attention=attention),
         params=cond,
         sigmas=ddpm_sigmas(),
         channels=unet_config["out_channels"],
@@ -155,7 +157,7 @@ def bench_step(
     from sjc_jax.sjc import SJCConfig, init_state, make_step
 
     denoiser = _sd15_denoiser(dtype, attention, unet_config)
-    config = SJCConfig(model="bench", prompt="bench", dtype=dtype, attention=attention)
+    config = SJCConfig.flat(model="bench", prompt="bench", dtype=dtype, attention=attention)
     step = make_step(config, denoiser)
     state = init_state(config, denoiser.channels)
     start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""The command line: ``python -m sjc_jax run ...`` (every `SJCConfig` field is a flag) and
-``python -m sjc_jax bench``.
+"""The command line: ``python -m sjc_jax run ...`` (every run-config field is a flag, by its bare
+name: ``--lr``, ``--estimator``) and ``python -m sjc_jax bench``.
 
 Every bad input ends as one line on stderr and exit code 2 (never a traceback); a non-finite grid
 exits 1 keeping the last good checkpoint; an interruption (Ctrl-C, SIGTERM) checkpoints and exits
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -35,13 +36,14 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _field_parser(tp: Any):
-    """(argparse type, is_bool) of an `SJCConfig` field annotation."""
-    tp = typing.get_type_hints(_config_cls())[tp] if isinstance(tp, str) else tp
+    """(argparse type, is_bool) of a config field's annotation."""
     args = typing.get_args(tp)
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else tp
     if base is bool:
         return None, True
+    if base is float:
+        base = _finite_float
     if optional:
 
         def parse(text: str, base=base):
@@ -52,34 +54,62 @@ def _field_parser(tp: Any):
     return base, False
 
 
-def _config_cls():
-    from sjc_jax.sjc import SJCConfig
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
-    return SJCConfig
+
+_finite_float.__name__ = "finite float"
+
+
+def _config_fields():
+    """(section class, field, resolved type) of every run-config field, in section order."""
+    from sjc_jax.config import SECTIONS
+
+    for cls in SECTIONS.values():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            yield cls, field, hints[field.name]
+
+
+# Flags that may accompany --resume (everything else is refused in one line).
+RESUME_FLAGS = ("steps",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Score Jacobian Chaining in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="lift a 2D diffusion model (or the testbed) to 3D")
+    run = sub.add_parser(
+        "run",
+        help="lift a 2D diffusion model (or the testbed) to 3D",
+        description="Every field of the run config is a flag. Defaults are the original SJC's "
+        "for diffusion models; --model testbed (the default) starts from the testbed preset.",
+    )
     run.add_argument("--out", help="run directory (created; must not hold another run)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    run.add_argument(
+        "--config", metavar="FILE", help="start from a config file (e.g. a run's config.json)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    hints = typing.get_type_hints(_config_cls())
-    for field in dataclasses.fields(_config_cls()):
+    for cls, field, tp in _config_fields():
         flag = "--" + field.name.replace("_", "-")
-        kind, is_bool = _field_parser(hints[field.name])
-        help_text = f"default: {field.default!r} (testbed: its preset)"
+        kind, is_bool = _field_parser(tp)
+        help_text = f"{field.metadata['help']} (default {field.default!r})"
+        group = f"{cls.__doc__.splitlines()[0]}"
         if is_bool:
             run.add_argument(
                 flag,
                 dest=field.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=help_text,
+                help=f"{help_text} [{group}]",
             )
         else:
-            run.add_argument(flag, dest=field.name, type=kind, default=None, help=help_text)
+            run.add_argument(
+                flag, dest=field.name, type=kind, default=None, help=f"{help_text} [{group}]"
+            )
     bench = sub.add_parser("bench", help="time the renderer and the SJC step; prints JSON")
     bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
     bench.add_argument(
@@ -96,22 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace):
-    """The run's `SJCConfig`: the preset of the model (testbed or SJC) with the given flags."""
-    from sjc_jax.sjc import SJCConfig
-
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(SJCConfig)
-        if getattr(args, f.name) is not None
+def given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line (flat names)."""
+    return {
+        field.name: getattr(args, field.name)
+        for _, field, _ in _config_fields()
+        if getattr(args, field.name) is not None
     }
-    if given.get("model", "testbed") == "testbed" and "prompt" not in given:
-        from sjc_jax.testbed import testbed_config
 
-        return testbed_config(**given)
-    if "model" not in given:
+
+def config_from_args(args: argparse.Namespace):
+    """The run's config: ``--config FILE`` or the model kind's preset, with the given flags."""
+    from sjc_jax.config import SJCConfig
+    from sjc_jax.models import kind_of
+
+    given = given_fields(args)
+    if args.config:
+        try:
+            values = json.loads(open(args.config).read())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read --config {args.config}: {err}") from None
+        return SJCConfig.from_dict(values).replace(**given)
+    model = given.get("model", "testbed")
+    kind = kind_of(model)
+    if kind.preset is not None and "prompt" not in given:
+        return kind.preset(**given)
+    if model == "testbed":
         raise ValueError("--prompt needs --model (a hub id or a local diffusers directory)")
-    return SJCConfig(**given)
+    return SJCConfig.flat(**given)
 
 
 def _install_sigterm() -> None:
@@ -152,16 +194,26 @@ def main(argv: list[str] | None = None) -> int:
     from sjc_jax import runner
 
     try:
+        steps = None
         if args.resume:
             out, resume = args.resume, True
             config = None
+            refused = sorted(set(given_fields(args)) - set(RESUME_FLAGS))
+            if args.config or args.out or refused:
+                names = ["--" + n.replace("_", "-") for n in refused]
+                names += [f for f, v in (("--config", args.config), ("--out", args.out)) if v]
+                return _fail(
+                    f"--resume continues a run with its own config; {', '.join(names)} cannot "
+                    "change (only --steps can, to extend the run)"
+                )
+            steps = given_fields(args).get("steps")
         else:
             if not args.out:
                 return _fail("run needs --out DIR (or --resume DIR)")
             out, resume = args.out, False
             config = config_from_args(args)
         _install_sigterm()
-        summary = runner.run(config, out, resume=resume, progress=not args.no_progress)
+        summary = runner.run(config, out, resume=resume, steps=steps, progress=not args.no_progress)
     except runner.NonFiniteError as err:
         return _fail(str(err), 1)
     except runner.Interrupted as err:

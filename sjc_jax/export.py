@@ -14,12 +14,9 @@ Conventions of this module:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import imageio.v2 as imageio_v2
@@ -28,6 +25,7 @@ import numpy as np
 import trimesh
 from skimage import measure
 
+from sjc_jax.files import atomic_path
 from sjc_jax.grid import DEFAULT_AABB
 
 # Videos: frames smaller than this (in pixels, shorter side) are upscaled by nearest neighbour,
@@ -48,28 +46,6 @@ _VIRIDIS = np.array(
         [-5.435455855934631, 4.645852612178535, 26.3124352495832],
     ]
 )
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on success move it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -101,7 +77,7 @@ def save_png(path: str | os.PathLike, image) -> Path:
         image = image[..., 0]
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
         raise ValueError(f"image must be [H, W], [H, W, 1|3|4], got shape {image.shape}")
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         imageio.imwrite(tmp, image, extension=".png")
     return Path(path)
 
@@ -193,7 +169,7 @@ def save_video(path: str | os.PathLike, frames, *, fps: float = 20) -> Path:
     if not (isinstance(fps, (int, float)) and fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     frames = _video_frames(frames)
-    with _atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings():
         # ffmpeg is spawned with fork+exec; JAX's at-fork warning does not apply to it.
         warnings.filterwarnings(
             "ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning
@@ -355,6 +331,6 @@ def save_mesh(path: str | os.PathLike, mesh: trimesh.Trimesh) -> Path:
         data = mesh.export(file_type="glb")
     else:
         raise ValueError(f"path must end in .ply or .glb, got {str(path)!r}")
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)

@@ -1,11 +1,26 @@
-"""SJC's regularisers: the emptiness loss and the center-depth loss, and the emptiness schedule."""
+"""SJC's regularisers: the emptiness loss and the center-depth loss, and the emptiness schedule.
+
+The losses are functions of one view. As values a step composes, regularisers are made by
+factories (`emptiness`, `center_depth`) and have the form
+
+    regularizer(views: ViewBatch, step []) -> (loss [b], metrics {name: [b]})
+
+over the ``b`` rendered views of a step (`sjc_jax.render.ViewBatch`): ``loss`` is each view's
+weighted loss (the step adds their mean over the step's views to the objective, so its gradient
+joins the chained score in the same VJP), ``metrics`` per-view values the step averages.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from sjc_jax.render import ViewBatch
+
 Array = jax.Array
+Regularizer = Callable[[ViewBatch, Array], tuple[Array, dict[str, Array]]]
 
 
 def emptiness_loss(weights: Array, num_samples: Array, *, scale: float = 10.0) -> Array:
@@ -63,3 +78,42 @@ def center_depth_loss(depth: Array, *, margin: int | None = None, eps: float = 1
     border_mean = (jnp.sum(depth) - jnp.sum(center)) / (h * w - center.size)
     gap = border_mean - jnp.mean(center)
     return -jnp.log(jnp.maximum(gap, eps))
+
+
+def emptiness(
+    *,
+    weight: float = 1e4,
+    scale: float = 10.0,
+    multiplier: float = 20.0,
+    ramp_fraction: float = 0.5,
+    num_steps: int,
+) -> Regularizer:
+    """SJC's emptiness regulariser: `emptiness_weight` times `emptiness_loss`, per view.
+
+    Metrics: ``emptiness`` (the unweighted loss) and ``emptiness_weight``.
+    """
+
+    def regularize(views: ViewBatch, step: Array) -> tuple[Array, dict[str, Array]]:
+        w = emptiness_weight(
+            step, num_steps, weight=weight, multiplier=multiplier, ramp_fraction=ramp_fraction
+        )
+        b = views.weights.shape[0]
+        loss = jax.vmap(lambda ww, k: emptiness_loss(ww, k, scale=scale))(
+            views.weights, views.num_samples
+        )
+        return loss * w, {"emptiness": loss, "emptiness_weight": jnp.full((b,), w)}
+
+    return regularize
+
+
+def center_depth(*, weight: float, margin: int | None = None) -> Regularizer:
+    """The center-depth regulariser: ``weight`` times `center_depth_loss` of each view's depth.
+
+    Metric: ``center_depth`` (the unweighted loss).
+    """
+
+    def regularize(views: ViewBatch, step: Array) -> tuple[Array, dict[str, Array]]:
+        loss = jax.vmap(lambda d: center_depth_loss(d, margin=margin))(views.depth)
+        return weight * loss, {"center_depth": loss}
+
+    return regularize

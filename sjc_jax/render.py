@@ -99,6 +99,16 @@ class RenderView(NamedTuple):
     num_samples: Array  # [] int32
 
 
+class ViewBatch(NamedTuple):
+    """Result of `render_cameras` for B cameras of H x W pixels."""
+
+    images: Array  # [B, H, W, C]
+    depth: Array  # [B, H, W]
+    weights: Array  # [B, H * W, S]
+    opacity: Array  # [B, H, W]
+    num_samples: Array  # [B] int32, each view's sample count k
+
+
 def intersect_box(origin: Array, direction: Array, aabb) -> tuple[Array, Array]:
     """Slab test of one ray ``origin, direction [3]``; returns ``t_min, t_max`` clamped at 0.
 
@@ -393,4 +403,30 @@ def render_view(
         out.weights,
         out.opacity.reshape(shape),
         out.num_samples,
+    )
+
+
+def render_cameras(
+    grid: VoxelGrid, cameras: Camera, config: RenderConfig = RenderConfig()
+) -> ViewBatch:
+    """Render a batch of cameras ``[B]`` (the one place that batches views).
+
+    The rays of all cameras go through ONE `render_rays` call, not a vmap of `render_view`:
+    under vmap the packed lookup's `lax.switch` has a batched index and becomes a select that
+    runs every tier. Each view keeps its own sample count k (`ViewBatch.num_samples`).
+    """
+    origins, directions = jax.vmap(generate_rays)(cameras)  # [B, H * W, 3]
+    views, height, width = origins.shape[0], cameras.height, cameras.width
+    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+    t_min, t_max = intersect_rays(origins, directions, config.aabb)
+    delta = step_size(config, grid.density.shape)
+    k = view_sample_count(t_min.reshape(views, -1), t_max.reshape(views, -1), delta)
+    out = render_rays(grid, origins, directions, t_min, t_max, config)
+    shape = (views, height, width)
+    return ViewBatch(
+        out.features.reshape(*shape, -1),
+        out.depth.reshape(shape),
+        out.weights.reshape(views, height * width, -1),
+        out.opacity.reshape(shape),
+        k,
     )

@@ -1,15 +1,24 @@
 """The run loop: a directory in, artifacts out, resumable after any interruption.
 
-A run directory holds ``config.json`` (written first), ``metrics.jsonl`` (one line per step),
-``previews/`` (a fixed camera every 1 % of the run: decoded image and depth), ``checkpoints/``
-(atomic, every ``checkpoint_every`` steps and at the end) and ``final/`` (``grid.npz``,
-``turntable.mp4``, ``depth.mp4``, ``mesh.ply`` and, for the testbed, ``eval.json``).
+Two layers:
 
-Metrics are fetched from the device every ``log_every`` steps (the loop's only host syncs). A
-non-finite grid stops the run with `NonFiniteError`; only finite states are ever checkpointed,
-so the last checkpoint stays good. Ctrl-C writes a checkpoint of the current state and raises
-`Interrupted`. `run(..., resume=True)` continues from the latest checkpoint and ends with the same
-grid as an uninterrupted run (the step is a pure function of the train state).
+* `run_loop` is generic: it steps a state with any jitted step function, fetches metrics every
+  ``log_every`` steps (the loop's only host syncs), checkpoints every ``checkpoint_every`` steps
+  and at the end, and calls hooks (``every`` steps, with the state) for everything else.
+* `run` is the lift of one config into a run directory: it builds the model through its kind
+  (`sjc_jax.models`), the step with the research choices given as values (an ``estimator=``
+  passed here reaches `sjc.make_step` unchanged), and the hooks of the artifacts (previews,
+  final grid, videos, mesh, the model kind's evaluation).
+
+A run directory holds ``config.json`` (written first; nested by section), ``metrics.jsonl`` (one
+line per step), ``previews/`` (a fixed camera every 1 % of the run: decoded image and depth),
+``checkpoints/`` (atomic) and ``final/`` (``grid.npz``, ``view.png``, ``turntable.mp4``,
+``depth.mp4``, ``mesh.ply`` and, when the model kind evaluates, ``eval.json``).
+
+A non-finite grid stops the run with `NonFiniteError`; only finite states are ever checkpointed,
+so the last checkpoint stays good. Ctrl-C writes a checkpoint of the last completed step and
+raises `Interrupted`. `run(..., resume=True)` continues from the latest checkpoint and ends with
+the same grid as an uninterrupted run (the step is a pure function of the train state).
 """
 
 from __future__ import annotations
@@ -17,26 +26,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+import optax
 from tqdm.auto import tqdm
 
-from sjc_jax import checkpoint, export
+from sjc_jax import checkpoint, export, files
 from sjc_jax.camera import Camera, make_camera, sjc_eye, turntable_path
+from sjc_jax.config import SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.grid import activate_density
+from sjc_jax.grid_io import save_grid_file
+from sjc_jax.models import Model, build_model
 from sjc_jax.render import render_view
-from sjc_jax.scenes import render_views, save_grid_file
-from sjc_jax.sjc import SJCConfig, TrainState, init_state, make_step
+from sjc_jax.sjc import TrainState, init_state, make_step, views_mesh
+from sjc_jax.testbed.scenes import render_views
 
 
 class RunError(ValueError):
@@ -51,32 +62,17 @@ class Interrupted(RunError):
     """The run was interrupted (Ctrl-C / SIGTERM); a checkpoint of its state was written."""
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file in the same directory, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def config_to_dict(config: SJCConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The ``config.json`` form of a config (nested by section)."""
+    return config.to_dict()
 
 
 def config_from_dict(values: dict[str, Any]) -> SJCConfig:
-    """`SJCConfig` from a dict, refusing unknown keys (a config.json of another version)."""
-    fields = {f.name for f in dataclasses.fields(SJCConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise RunError(f"unknown config fields {unknown}")
-    return SJCConfig(**values)
+    """`SJCConfig` from a ``config.json`` dict (nested or flat), as a `RunError` if it is bad."""
+    try:
+        return SJCConfig.from_dict(values)
+    except (ValueError, TypeError) as err:
+        raise RunError(f"bad config: {err}") from None
 
 
 def prepare_output(out_dir: str | os.PathLike) -> Path:
@@ -93,6 +89,86 @@ def prepare_output(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+# --- the generic loop ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """``fn(state)`` after every ``every``-th step of the loop (``fn`` must not keep ``state``:
+    the next step donates its buffers)."""
+
+    every: int
+    fn: Callable[[TrainState], None]
+
+
+def _is_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def run_loop(
+    step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+    state: TrainState,
+    params: Any,
+    *,
+    end: int,
+    log_every: int,
+    checkpoint_every: int,
+    save: Callable[[TrainState], None],
+    on_metrics: Callable[[list[dict[str, Any]]], None],
+    hooks: Sequence[Hook] = (),
+    bar: Any = None,
+) -> TrainState:
+    """Step ``state`` up to step ``end``; returns the last state.
+
+    Args:
+      step_fn: ``(state, params) -> (state, metrics)`` (donates the state).
+      state: where to start (its ``step``).
+      params: the model's params, the step's second argument.
+      end: the step count to stop at.
+      log_every: metrics are fetched from the device every this many steps and at the end.
+      checkpoint_every: ``save(state)`` every this many steps and at the end.
+      save: writes a checkpoint of a state (called with metrics fetched up to it).
+      on_metrics: receives the fetched records ``{"step": i, name: float, ...}`` in order; raise
+        in it to stop the loop (e.g. `NonFiniteError`).
+      hooks: called after their steps, in order.
+      bar: a tqdm bar to advance, or None.
+
+    Raises:
+      Interrupted: on KeyboardInterrupt, after saving the last completed step.
+    """
+    pending: list[tuple[int, dict]] = []
+
+    def flush() -> None:
+        fetched = jax.device_get(pending)
+        pending.clear()
+        if fetched:
+            on_metrics([{"step": i, **{k: v.item() for k, v in m.items()}} for i, m in fetched])
+
+    try:
+        for i in range(int(state.step), end):
+            state, metrics = step_fn(state, params)
+            pending.append((i + 1, metrics))
+            if bar is not None:
+                bar.update()
+            done = i + 1
+            if done % log_every == 0 or done == end:
+                flush()
+            for hook in hooks:
+                if done % hook.every == 0:
+                    hook.fn(state)
+            if done % checkpoint_every == 0 or done == end:
+                flush()
+                save(state)
+    except KeyboardInterrupt:
+        flush()
+        save(state)
+        raise Interrupted(f"interrupted at step {int(state.step)}") from None
+    return state
+
+
+# --- the artifacts of a lift ----------------------------------------------------------------
+
+
 def preview_camera(size: int, radius: float) -> Camera:
     """The fixed preview view: between front and side, 20 deg above the horizon, fov 60."""
     eye = sjc_eye(jnp.deg2rad(30.0), jnp.deg2rad(70.0), radius)
@@ -104,8 +180,8 @@ def _to_rgb(denoiser: Denoiser, images: np.ndarray) -> np.ndarray:
     return np.asarray(denoiser.decode(jnp.asarray(images)), np.float32)
 
 
-class _Artifacts:
-    """Rendering for previews, videos and meshes (compiled once per run, outside the step)."""
+class Artifacts:
+    """Previews, videos and meshes of a lift (compiled once per run, outside the step)."""
 
     def __init__(self, config: SJCConfig, denoiser: Denoiser, size: int):
         self.config, self.denoiser, self.size = config, denoiser, size
@@ -113,7 +189,7 @@ class _Artifacts:
         self._render = jax.jit(lambda grid, cam: render_view(grid, cam, render_config))
 
     def preview(self, grid, path: Path) -> None:
-        view = self._render(grid, preview_camera(self.size, self.config.radius))
+        view = self._render(grid, preview_camera(self.size, self.config.camera.radius))
         rgb = _to_rgb(self.denoiser, np.asarray(view.image)[None])[0]
         depth = export.colorize_depth(np.asarray(view.depth), near=0.3, far=10.0)
         scale = rgb.shape[0] // depth.shape[0]  # the VAE decodes at 8x the latent size
@@ -122,13 +198,11 @@ class _Artifacts:
 
     def videos(self, grid, final: Path) -> None:
         cams = turntable_path(
-            num_frames=self.config.video_frames,
-            radius=self.config.radius,
+            num_frames=self.config.run.video_frames,
+            radius=self.config.camera.radius,
             height=self.size,
             width=self.size,
         )
-        # One render_rays call per chunk of cameras (a vmap of render_view would run every
-        # packed-lookup tier of its lax.switch).
         images, depths, _ = render_views(grid, cams, self.config.render_config(), chunk_size=10)
         rgb = np.concatenate(
             [
@@ -136,14 +210,14 @@ class _Artifacts:
                 for i in range(0, len(images), 10)
             ]
         )
-        depths = np.asarray(depths)
         export.save_video(final / "turntable.mp4", rgb)
-        export.save_video(final / "depth.mp4", export.colorize_depth(depths, near=0.3, far=10.0))
+        depths = export.colorize_depth(np.asarray(depths), near=0.3, far=10.0)
+        export.save_video(final / "depth.mp4", depths)
 
     def mesh(self, grid, final: Path) -> None:
         config = self.config
         density = np.asarray(
-            activate_density(grid.density, grid.density_scale, config.density_shift)
+            activate_density(grid.density, grid.density_scale, config.render.density_shift)
         )
         feats = np.asarray(grid.features)
         if self.denoiser.feature_space == "rgb":
@@ -156,25 +230,23 @@ class _Artifacts:
             density,
             colors,
             aabb=config.render_config().aabb,
-            threshold=config.mesh_threshold,
-            step_ratio=config.step_ratio,
+            threshold=config.run.mesh_threshold,
+            step_ratio=config.render.step_ratio,
         )
         export.save_mesh(final / "mesh.ply", mesh)
 
-
-def views_mesh(config: SJCConfig) -> Mesh | None:
-    """A mesh over all devices for the step's views when they split evenly, else None."""
-    devices = jax.devices()
-    if len(devices) == 1:
-        return None
-    if config.views_per_step % len(devices):
-        warnings.warn(
-            f"using 1 of {len(devices)} devices: --views-per-step {config.views_per_step} is not "
-            f"a multiple of {len(devices)}",
-            stacklevel=2,
+    def final(self, grid, final: Path) -> None:
+        """``final/``: grid file, view, videos and mesh."""
+        final.mkdir(exist_ok=True)
+        save_grid_file(
+            final / "grid.npz",
+            grid,
+            aabb=self.config.render_config().aabb,
+            feature_space=self.denoiser.feature_space,
         )
-        return None
-    return Mesh(np.array(devices), ("views",))
+        self.preview(grid, final / "view.png")
+        self.videos(grid, final)
+        self.mesh(grid, final)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -186,31 +258,50 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         for line in path.read_text().splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= last_step
     ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _is_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+def _mesh_for(config: SJCConfig):
+    mesh = views_mesh(config.run.views_per_step)
+    devices = jax.device_count()
+    if mesh is None and devices > 1:
+        warnings.warn(
+            f"using 1 of {devices} devices: --views-per-step {config.run.views_per_step} is not "
+            f"a multiple of {devices}",
+            stacklevel=3,
+        )
+    return mesh
 
 
 def run(
-    config: SJCConfig,
+    config: SJCConfig | None,
     out_dir: str | os.PathLike,
     *,
     resume: bool = False,
-    build_denoiser: Callable[[SJCConfig], tuple[Denoiser, Any]] | None = None,
+    model: Model | None = None,
+    estimator: Any = None,
+    camera_sampler: Any = None,
+    sigma_sampler: Any = None,
+    regularizers: Sequence[Any] | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    steps: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Run SJC (or the testbed) into ``out_dir``; returns a summary dict.
+    """Lift ``config`` into ``out_dir``; returns a summary dict.
 
     Args:
-      config: the run's settings (with ``resume``, the ones saved in ``out_dir`` are used).
+      config: the run's settings (None with ``resume``: the ones saved in ``out_dir`` are used).
       out_dir: the run directory.
       resume: continue the run in ``out_dir`` from its latest checkpoint.
-      build_denoiser: ``config -> (denoiser, testbed_or_None)``; default `load_denoiser`.
+      steps: with ``resume``, a new total step count (at least the steps already taken): extends
+        a finished or interrupted run; ``config.json`` is updated. Schedules that depend on the
+        run's length (the emptiness ramp, annealed sigma) follow the new total from here on.
+      model: the model (default: built from ``config`` by its kind, `sjc_jax.models`).
+      estimator, camera_sampler, sigma_sampler, regularizers, optimizer: research choices as
+        values, passed to `sjc.make_step` (None: built from the config). A resumed run must be
+        given the same values.
       progress: show a tqdm bar.
       stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
     """
@@ -220,40 +311,61 @@ def run(
     if resume:
         if not config_path.exists():
             raise RunError(f"nothing to resume in {str(out)!r}: no config.json")
-        config = config_from_dict(json.loads(config_path.read_text()))
+        saved = config_from_dict(json.loads(config_path.read_text()))
         if checkpoint.latest_step(ckpt_dir) is None:
             raise RunError(f"nothing to resume in {str(out)!r}: no checkpoint yet")
+        if steps is not None and steps != saved.run.steps:
+            taken = checkpoint.latest_step(ckpt_dir)
+            if steps < taken:
+                raise RunError(f"--steps {steps} is below the {taken} steps already taken")
+            saved = saved.replace(steps=steps)
+            files.write_json(config_path, config_to_dict(saved))
+        config = saved
     else:
         if checkpoint.latest_step(ckpt_dir) is not None:
             raise RunError(
                 f"{str(out)!r} already holds a run; continue it with --resume {str(out)!r} or "
                 "choose another --out"
             )
-        _write_json(config_path, config_to_dict(config))
+        files.write_json(config_path, config_to_dict(config))
     (out / "previews").mkdir(exist_ok=True)
 
-    denoiser, testbed = (build_denoiser or load_denoiser)(config)
-    size = config.image_size or denoiser.resolution
-    background = None if testbed is None else testbed.background
-    state = init_state(config, denoiser.channels, background=background)
-    step_fn = make_step(config, denoiser, mesh=views_mesh(config))
+    model = build_model(config) if model is None else model
+    denoiser = model.denoiser
+    size = config.render.image_size or denoiser.resolution
+    state = init_state(
+        config,
+        denoiser.channels,
+        background=model.background,
+        optimizer=optimizer,
+        estimator=estimator,
+        denoiser=denoiser,
+    )
+    step_fn = make_step(
+        config,
+        denoiser,
+        estimator=estimator,
+        camera_sampler=camera_sampler,
+        sigma_sampler=sigma_sampler,
+        regularizers=regularizers,
+        optimizer=optimizer,
+        mesh=_mesh_for(config),
+    )
     metrics_path = out / "metrics.jsonl"
     if resume:
         state = checkpoint.restore_checkpoint(ckpt_dir, state)
         _truncate_metrics(metrics_path, int(state.step))
-    artifacts = _Artifacts(config, denoiser, size)
-    preview_every = max(1, config.steps // config.num_previews)
-
+    artifacts = Artifacts(config, denoiser, size)
+    total = config.run.steps
     start = int(state.step)
-    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    pending: list[tuple[int, dict]] = []
+    end = total if stop_after is None else min(total, start + stop_after)
     t_start = time.perf_counter()
     bar = tqdm(
-        total=config.steps,
+        total=total,
         initial=start,
         disable=not progress,
         dynamic_ncols=True,
-        desc=config.prompt or denoiser.name,
+        desc=config.model.prompt or denoiser.name,
     )
 
     def save(state: TrainState) -> None:
@@ -261,106 +373,72 @@ def run(
             return
         step = int(state.step)
         if checkpoint.latest_step(ckpt_dir) != step:
-            checkpoint.save_checkpoint(ckpt_dir, step, state, keep=config.keep_checkpoints)
+            checkpoint.save_checkpoint(ckpt_dir, step, state, keep=config.run.keep_checkpoints)
 
-    def flush(metrics_file) -> None:
-        fetched = jax.device_get(pending)
-        for step, m in fetched:
-            record = {"step": step, **{k: v.item() for k, v in m.items()}}
-            metrics_file.write(json.dumps(record) + "\n")
-            if not record["finite"]:
-                metrics_file.flush()
-                raise NonFiniteError(
-                    f"the grid became non-finite at step {step}; the last good checkpoint is in "
-                    f"{str(ckpt_dir)!r} (try a lower --lr)"
-                )
-        metrics_file.flush()
-        if fetched:
-            last = fetched[-1][1]
+    with open(metrics_path, "a") as metrics_file:
+
+        def on_metrics(records: list[dict[str, Any]]) -> None:
+            for record in records:
+                metrics_file.write(json.dumps(record) + "\n")
+                if not record["finite"]:
+                    metrics_file.flush()
+                    raise NonFiniteError(
+                        f"the grid became non-finite at step {record['step']}; the last good "
+                        f"checkpoint is in {str(ckpt_dir)!r} (try a lower --lr)"
+                    )
+            metrics_file.flush()
+            last = records[-1]
             bar.set_postfix(
                 sigma=f"{last['sigma']:.3f}",
-                empty=f"{last['emptiness']:.4f}",
+                empty=f"{last.get('emptiness', 0.0):.4f}",
                 opacity=f"{last['opacity']:.3f}",
                 refresh=False,
             )
-        pending.clear()
 
-    try:
-        with open(metrics_path, "a") as metrics_file:
-            for i in range(start, end):
-                state, metrics = step_fn(state, denoiser.params)
-                pending.append((i + 1, metrics))
-                bar.update()
-                done = i + 1
-                if done % config.log_every == 0 or done == end:
-                    flush(metrics_file)
-                if done % preview_every == 0:
-                    artifacts.preview(state.grid, out / "previews" / f"step_{done:08d}.png")
-                if done % config.checkpoint_every == 0 or done == end:
-                    flush(metrics_file)
-                    save(state)
-    except KeyboardInterrupt:
-        save(state)
-        raise Interrupted(
-            f"interrupted at step {int(state.step)}; continue with --resume {str(out)!r}"
-        ) from None
-    finally:
-        bar.close()
+        preview_every = max(1, total // config.run.num_previews)
+        previews = Hook(
+            preview_every,
+            lambda s: artifacts.preview(s.grid, out / "previews" / f"step_{int(s.step):08d}.png"),
+        )
+        try:
+            state = run_loop(
+                step_fn,
+                state,
+                denoiser.params,
+                end=end,
+                log_every=config.run.log_every,
+                checkpoint_every=config.run.checkpoint_every,
+                save=save,
+                on_metrics=on_metrics,
+                hooks=(previews,),
+                bar=bar,
+            )
+        except Interrupted as err:
+            raise Interrupted(f"{err}; continue with --resume {str(out)!r}") from None
+        finally:
+            bar.close()
     elapsed = time.perf_counter() - t_start
     summary = {"steps": int(state.step), "seconds": elapsed, "out": str(out)}
-    if int(state.step) < config.steps:
+    if int(state.step) < total:
         return summary
 
-    final = out / "final"
-    final.mkdir(exist_ok=True)
     grid = jax.device_get(state.grid)
-    save_grid_file(
-        final / "grid.npz",
-        grid,
-        aabb=config.render_config().aabb,
-        feature_space=denoiser.feature_space,
-    )
-    artifacts.preview(grid, final / "view.png")
-    artifacts.videos(grid, final)
-    artifacts.mesh(grid, final)
-    if testbed is not None:
-        from sjc_jax import testbed as testbed_lib
-
-        evaluation = testbed_lib.evaluate(grid, testbed, config)
-        _write_json(final / "eval.json", evaluation)
+    artifacts.final(grid, out / "final")
+    if model.evaluate is not None:
+        evaluation = model.evaluate(grid)
+        files.write_json(out / "final" / "eval.json", evaluation)
         summary["eval"] = evaluation
     return summary
 
 
-def load_denoiser(config: SJCConfig) -> tuple[Denoiser, Any]:
-    """The model of a config: ``(denoiser, testbed)``; testbed is None for diffusion models."""
-    if config.model == "testbed":
-        from sjc_jax import testbed
-
-        ground_truth, aabb, _ = testbed.load_scene(config.scene)
-        tb = testbed.build_testbed(config, ground_truth, key=jax.random.key(config.seed), aabb=aabb)
-        return tb.denoiser, tb
-    from sjc_jax.diffusion.stable_diffusion import load_stable_diffusion
-
-    denoiser = load_stable_diffusion(
-        config.model,
-        prompt=config.prompt,
-        revision=config.revision,
-        dtype=config.dtype,
-        guidance_scale=config.guidance_scale,
-        view_augmentation=config.view_augmentation,
-        negative_prompt=config.negative_prompt,
-        attention=config.attention,
-    )
-    return denoiser, None
-
-
 __all__ = [
+    "Artifacts",
+    "Hook",
     "Interrupted",
     "NonFiniteError",
     "RunError",
     "config_from_dict",
     "config_to_dict",
-    "load_denoiser",
     "run",
+    "run_loop",
 ]

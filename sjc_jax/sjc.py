@@ -1,172 +1,37 @@
-"""Score Jacobian Chaining: the configuration, the train state and the jitted SJC step.
+"""The train state and the jitted score-distillation step, with every research choice a value.
 
-One step (top to bottom, pure): split the key -> draw B training cameras with view labels ->
-render them under `jax.vjp` (image, and the regularisers as a scalar) -> draw sigma -> PAAS
-image-space gradient ``g`` from the denoiser (never differentiated) -> pull ``(-g, 1)`` back
-through the renderer's VJP -> optax Adamax update. `make_step` builds it once per run; sigma,
-the emptiness weight and the step count are traced, so nothing recompiles.
+One step (top to bottom, pure): split the key -> draw B cameras with view labels (camera
+sampler) -> draw sigma (sigma sampler) -> render the views under `jax.vjp` (images, and the
+regularisers' mean as a scalar) -> image-space cotangent from the estimator (the denoiser is
+never differentiated) -> pull ``(cotangent, 1)`` back through the renderer's VJP -> optax update.
+
+`make_step(config, denoiser, *, estimator=..., camera_sampler=..., sigma_sampler=...,
+regularizers=..., optimizer=..., mesh=...)` takes any of them as values; each one left out is
+built from the config by the ``*_from_config`` functions below (SJC's choices by default), which
+pass every factory only the scalars it needs. The step is built once per run; sigma, the loss
+weights and the step count are traced, so nothing recompiles.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from sjc_jax import losses
-from sjc_jax.camera import generate_rays, sample_training_cameras
-from sjc_jax.diffusion import schedule
-from sjc_jax.diffusion.attention import ATTENTION_KINDS
+from sjc_jax import estimators, losses, optim, samplers
+from sjc_jax.config import SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.grid import VoxelGrid, init_grid
-from sjc_jax.render import RenderConfig, intersect_rays, render_rays, step_size, view_sample_count
-from sjc_jax.score import SCALES, paas_gradient_from_noise
+from sjc_jax.render import ViewBatch, render_cameras
 
 Array = jax.Array
-
-SIGMA_SCHEDULES = ("random", "annealed")
-DTYPES = ("float32", "bfloat16")
-
-
-@dataclasses.dataclass(frozen=True)
-class SJCConfig:
-    """Every setting of a run; the defaults reproduce the original SJC (SJC_REFERENCE.md)."""
-
-    # --- what to lift
-    prompt: str = ""  # text prompt (SD models); view prefixes are added per camera
-    model: str = "testbed"  # hub id or local diffusers directory, or "testbed"
-    revision: str | None = None  # hub revision of the model
-    dtype: str = "float32"  # UNet compute dtype: float32 or bfloat16
-    attention: str = "auto"  # UNet attention kernel: auto, diffusers, xla or cudnn
-    scene: str | None = None  # testbed: a built-in scene name or a grid file (.npz)
-    # --- run
-    steps: int = 10000  # optimisation steps
-    seed: int = 0  # the whole run is reproducible from it
-    views_per_step: int = 1  # B views rendered and scored per step (1 = SJC)
-    # --- voxel grid and renderer
-    grid_resolution: int = 100  # voxels per axis
-    background_resolution: int = 4  # side of the learned background texture
-    image_size: int | None = None  # render H = W; None = the model's resolution (64 for SD)
-    step_ratio: float = 0.5  # march step in voxels
-    density_shift: float = -1.0  # softplus(raw * exp(d_scale) + shift)
-    weight_threshold: float = 1e-4  # features count where w > this
-    background_depth: float = 10.0  # depth of the background
-    # --- cameras
-    radius: float = 1.5  # camera distance from the origin
-    fov_min_deg: float = 40.0  # training fov_x ~ U[fov_min, fov_max)
-    fov_max_deg: float = 70.0
-    max_v_deg: float = 100.0  # polar draw v ~ U[0, max_v) deg
-    overhead_deg: float = 30.0  # v below this is an "overhead view"
-    view_augmentation: bool = True  # view-dependent prompts / labels
-    # --- score
-    guidance_scale: float = 100.0  # classifier-free guidance scale (SD)
-    negative_prompt: str = ""  # unconditional text of CFG
-    t_min: int = 10  # sigma is drawn from timesteps t_min..t_max of the model's table
-    t_max: int = 969
-    sigma_schedule: str = "random"  # random (SJC) or annealed
-    var_red: bool = True  # Eq. 16 (True, SJC default) or Eq. 15
-    noise_samples: int = 1  # Monte Carlo noise samples per view (1 = SJC)
-    score_scale: str = "sigma"  # divide by sigma (SJC code) or sigma2 (the score itself)
-    # --- optimiser (Adamax)
-    lr: float = 0.05  # density, features and d_scale
-    background_lr: float = 1e-4  # background texture (0 freezes it)
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    # --- regularisers
-    emptiness_weight: float = 1e4
-    emptiness_scale: float = 10.0  # B in log(1 + B w)
-    emptiness_multiplier: float = 20.0  # applied from emptiness_step * steps on
-    emptiness_step: float = 0.5
-    center_depth_weight: float = 0.0  # 0 = off (the original's default); 10-100 in its README
-    # --- artifacts
-    num_previews: int = 100  # previews over the run (every 1 %)
-    checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # most recent checkpoints kept
-    log_every: int = 10  # steps between metric fetches (the only host syncs of the loop)
-    video_frames: int = 100  # frames of the final videos
-    mesh_threshold: float | None = None  # density level of the mesh; None = ln 2 / delta
-    # --- testbed (model="testbed")
-    testbed_views: int = 100  # labelled renders of the ground-truth scene
-    testbed_eval_views: int = 8  # held-out cameras per elevation ring in eval.json
-
-    def __post_init__(self):
-        positive = (
-            "steps",
-            "views_per_step",
-            "grid_resolution",
-            "background_resolution",
-            "noise_samples",
-            "num_previews",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "video_frames",
-            "testbed_views",
-            "testbed_eval_views",
-        )
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-        if self.sigma_schedule not in SIGMA_SCHEDULES:
-            raise ValueError(
-                f"sigma_schedule must be one of {SIGMA_SCHEDULES}, got {self.sigma_schedule!r}"
-            )
-        if self.score_scale not in SCALES:
-            raise ValueError(f"score_scale must be one of {SCALES}, got {self.score_scale!r}")
-        if not 0 <= self.t_min <= self.t_max:
-            raise ValueError(
-                f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}"
-            )
-        if not 0 < self.fov_min_deg <= self.fov_max_deg < 180:
-            raise ValueError(
-                f"need 0 < fov_min_deg <= fov_max_deg < 180, got {self.fov_min_deg}, "
-                f"{self.fov_max_deg}"
-            )
-        for name in ("radius", "lr", "step_ratio", "max_v_deg"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in (
-            "background_lr",
-            "emptiness_weight",
-            "center_depth_weight",
-            "weight_threshold",
-            "emptiness_scale",
-        ):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.emptiness_step <= 1:
-            raise ValueError(f"emptiness_step must lie in [0, 1], got {self.emptiness_step}")
-
-    def camera_distribution(self) -> dict[str, Any]:
-        """The keyword arguments of `sample_training_cameras` for this config's cameras."""
-        return dict(
-            radius=self.radius,
-            max_v_deg=self.max_v_deg,
-            fov_range_deg=(self.fov_min_deg, self.fov_max_deg),
-            overhead_deg=self.overhead_deg,
-        )
-
-    def render_config(self) -> RenderConfig:
-        return RenderConfig(
-            step_ratio=self.step_ratio,
-            density_shift=self.density_shift,
-            weight_threshold=self.weight_threshold,
-            background_depth=self.background_depth,
-        )
+Step = Callable[["TrainState", Any], tuple["TrainState", dict[str, Array]]]
 
 
 @struct.dataclass
@@ -175,215 +40,280 @@ class TrainState:
 
     step: Array  # [] int32, steps taken
     grid: VoxelGrid
-    opt_state: Any  # optax state of `make_optimizer`
+    opt_state: Any  # optax state of the optimiser
     key: Array  # [2] uint32 raw key data of the run's PRNG stream
+    estimator_state: Any = ()  # a `StatefulEstimator`'s state; () for plain estimators
 
 
-def make_optimizer(config: SJCConfig) -> optax.GradientTransformation:
-    """Adamax with the original's per-field learning rates (background apart)."""
+# --- the research choices of a config, as values ---------------------------------------------
 
-    def adamax(lr):
-        return optax.adamax(lr, b1=config.b1, b2=config.b2, eps=config.eps)
 
-    labels = VoxelGrid(density="field", features="field", background="bg", density_scale="field")
-    return optax.multi_transform(
-        {"field": adamax(config.lr), "bg": adamax(config.background_lr)}, labels
+def estimator_from_config(config: SJCConfig) -> estimators.Estimator:
+    """The config's estimator (``config.score``), built with the scalars it needs."""
+    s = config.score
+    if s.estimator == "sjc":
+        return estimators.sjc(
+            guidance_scale=s.guidance_scale,
+            var_red=s.var_red,
+            noise_samples=s.noise_samples,
+            scale=s.score_scale,
+        )
+    if s.estimator == "sds":
+        return estimators.sds(
+            guidance_scale=s.guidance_scale,
+            weighting_name=s.sds_weighting,
+            noise_samples=s.noise_samples,
+        )
+    if s.estimator == "nfsd":
+        return estimators.nfsd(
+            guidance_scale=s.guidance_scale,
+            switch_timestep=s.nfsd_switch_timestep,
+            weighting_name=s.sds_weighting,
+        )
+    return estimators.csd(weighting_name=s.sds_weighting, negative_weight=s.csd_negative_weight)
+
+
+def sigma_sampler_from_config(config: SJCConfig) -> samplers.SigmaSampler:
+    """The config's noise-level schedule (``config.score.sigma_schedule``)."""
+    s, steps = config.score, config.run.steps
+    if s.sigma_schedule == "random":
+        return samplers.random_sigma(t_min=s.t_min, t_max=s.t_max)
+    if s.sigma_schedule == "annealed":
+        return samplers.annealed_sigma(t_min=s.t_min, t_max=s.t_max, num_steps=steps)
+    if s.sigma_schedule == "fixed":
+        return samplers.fixed_sigma(timestep=s.t_max)
+    return samplers.dreamtime_sigma(t_min=s.t_min, t_max=s.t_max, num_steps=steps)
+
+
+def camera_sampler_from_config(config: SJCConfig, image_size: int) -> samplers.CameraSampler:
+    """The config's training cameras at ``image_size`` (the config's, or the model's if None)."""
+    c = config.camera
+    return samplers.sjc_cameras(
+        image_size=config.render.image_size or image_size,
+        radius=c.radius,
+        max_v_deg=c.max_v_deg,
+        fov_range_deg=(c.fov_min_deg, c.fov_max_deg),
+        overhead_deg=c.overhead_deg,
+        view_augmentation=c.view_augmentation,
     )
 
 
-def init_state(config: SJCConfig, channels: int, *, background: Array | None = None) -> TrainState:
-    """Initial state from ``config.seed``: a fresh grid as the original.
+def regularizers_from_config(config: SJCConfig) -> tuple[losses.Regularizer, ...]:
+    """Emptiness always (the original), center depth when its weight is positive."""
+    r = config.regularizers
+    regs = [
+        losses.emptiness(
+            weight=r.emptiness_weight,
+            scale=r.emptiness_scale,
+            multiplier=r.emptiness_multiplier,
+            ramp_fraction=r.emptiness_step,
+            num_steps=config.run.steps,
+        )
+    ]
+    if r.center_depth_weight > 0:
+        regs.append(losses.center_depth(weight=r.center_depth_weight))
+    return tuple(regs)
 
-    ``background [Hb, Wb, C]`` replaces the random background texture (the testbed's known
-    background; freeze it with ``background_lr=0``).
+
+def optimizer_from_config(config: SJCConfig) -> optax.GradientTransformation:
+    """The original's Adamax with the config's learning rates (`optim.sjc_adamax`)."""
+    o = config.optimizer
+    return optim.sjc_adamax(lr=o.lr, background_lr=o.background_lr, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+# --- state and step ---------------------------------------------------------------------------
+
+
+def init_state(
+    config: SJCConfig,
+    channels: int,
+    *,
+    background: Array | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    estimator: estimators.Estimator | estimators.StatefulEstimator | None = None,
+    denoiser: Denoiser | None = None,
+) -> TrainState:
+    """Initial state from ``config.run.seed``: a fresh grid as the original.
+
+    Args:
+      config: grid sizes and the seed are read from it.
+      channels: C of the features (4 for SD latents, 3 for RGB).
+      background: ``[Hb, Wb, C]`` replaces the random background texture (the testbed's known
+        background; freeze it with ``background_lr=0``).
+      optimizer: the step's optimiser (default `optimizer_from_config`); pass the same one to
+        `make_step`.
+      estimator: a `StatefulEstimator` whose ``init`` makes the estimator state (with
+        ``denoiser``); plain estimators need nothing here.
     """
-    key_grid, key_run = jax.random.split(jax.random.key(config.seed))
+    key_grid, key_run = jax.random.split(jax.random.key(config.run.seed))
     grid = init_grid(
         key_grid,
-        resolution=config.grid_resolution,
+        resolution=config.render.grid_resolution,
         channels=channels,
-        background_resolution=config.background_resolution,
+        background_resolution=config.render.background_resolution,
     )
     if background is not None:
         if background.ndim != 3 or background.shape[-1] != channels:
             raise ValueError(f"background must be [Hb, Wb, {channels}], got {background.shape}")
         grid = grid.replace(background=jnp.asarray(background, jnp.float32))
+    optimizer = optimizer_from_config(config) if optimizer is None else optimizer
+    estimator_state = ()
+    if isinstance(estimator, estimators.StatefulEstimator):
+        if denoiser is None:
+            raise ValueError("a StatefulEstimator needs the denoiser to initialise its state")
+        key_run, key_est = jax.random.split(key_run)
+        estimator_state = estimator.init(key_est, denoiser, denoiser.params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         grid=grid,
-        opt_state=make_optimizer(config).init(grid),
+        opt_state=optimizer.init(grid),
         key=jax.random.key_data(key_run),
+        estimator_state=estimator_state,
     )
 
 
-def _draw_sigma(config: SJCConfig, key: Array, step: Array, sigmas, batch: int) -> Array:
-    if config.sigma_schedule == "random":
-        return schedule.random_sigma(
-            key, sigmas, t_min=config.t_min, t_max=config.t_max, shape=(batch,)
+def _view_spec(mesh: jax.sharding.Mesh | None, batch: int):
+    """The sharding constraint of the views axis (None without a mesh)."""
+    if mesh is None:
+        return None
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must have one axis, got {mesh.axis_names}")
+    if batch % mesh.size:
+        raise ValueError(
+            f"views_per_step={batch} must be a multiple of the mesh's {mesh.size} devices"
         )
-    return schedule.annealed_sigma(
-        key, step, config.steps, sigmas, t_min=config.t_min, t_max=config.t_max, shape=(batch,)
-    )
-
-
-def _chained_gradient(
-    config: SJCConfig,
-    denoiser: Denoiser,
-    size: int,
-    grid: VoxelGrid,
-    params: Any,
-    cameras,
-    labels: Array,
-    sigma: Array,
-    noise: Array,
-    empty_w: Array,
-) -> tuple[VoxelGrid, dict[str, Array]]:
-    """Gradient contribution of ``b`` of the step's ``B`` views (all of them on one device).
-
-    ``cameras`` batched ``[b]``, ``labels, sigma [b]``, ``noise [n, b, H, W, C]``. Returns the
-    grid gradient ``sum_v J_v^T (-g_v)`` plus the regularisers' gradient (their means over the
-    step's B views, so per-device contributions add up), and sums for the metrics.
-    """
-    render_config = config.render_config()
-    views, channels, total = labels.shape[0], denoiser.channels, config.views_per_step
-    origins, directions = jax.vmap(generate_rays)(cameras)  # [b, HW, 3]
-    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
-    t_min, t_max = intersect_rays(origins, directions, render_config.aabb)
-    delta = step_size(render_config, grid.density.shape)
-    k = view_sample_count(t_min.reshape(views, -1), t_max.reshape(views, -1), delta)
-
-    def render_and_regularise(grid):
-        out = render_rays(grid, origins, directions, t_min, t_max, render_config)
-        images = out.features.reshape(views, size, size, channels)
-        weights = out.weights.reshape(views, size * size, -1)
-        empty = jnp.sum(
-            jax.vmap(lambda w, kk: losses.emptiness_loss(w, kk, scale=config.emptiness_scale))(
-                weights, k
-            )
-        )
-        reg = empty_w * empty / total
-        center = jnp.zeros(())
-        if config.center_depth_weight > 0:
-            depth = out.depth.reshape(views, size, size)
-            center = jnp.sum(jax.vmap(losses.center_depth_loss)(depth))
-            reg = reg + config.center_depth_weight * center / total
-        opacity = jnp.sum(jnp.mean(out.opacity.reshape(views, -1), axis=1))
-        return (images, reg), (empty, center, opacity)
-
-    (images, reg), vjp_fn, (empty, center, opacity) = jax.vjp(
-        render_and_regularise, grid, has_aux=True
-    )
-    g = paas_gradient_from_noise(
-        denoiser.apply,
-        params,
-        images,
-        sigma,
-        labels,
-        noise,
-        var_red=config.var_red,
-        scale=config.score_scale,
-    )
-    # The chained score: J_render^T (-g) plus the regularisers' gradient, in one VJP.
-    (grads,) = vjp_fn((-g, jnp.ones_like(reg)))
-    sums = {
-        "emptiness": empty,
-        "center_depth": center,
-        "opacity": opacity,
-        "score_sq": jnp.sum(jnp.square(g)),
-        "num_samples": jnp.max(k),
-    }
-    return grads, sums
+    return PartitionSpec(mesh.axis_names[0])
 
 
 def make_step(
-    config: SJCConfig, denoiser: Denoiser, *, mesh: jax.sharding.Mesh | None = None
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
-    """One jitted SJC step ``(state, denoiser_params) -> (state, metrics)``; the state is donated.
+    config: SJCConfig,
+    denoiser: Denoiser,
+    *,
+    estimator: estimators.Estimator | estimators.StatefulEstimator | None = None,
+    camera_sampler: samplers.CameraSampler | None = None,
+    sigma_sampler: samplers.SigmaSampler | None = None,
+    regularizers: Sequence[losses.Regularizer] | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Step:
+    """One jitted step ``(state, denoiser_params) -> (state, metrics)``; the state is donated.
 
-    With a one-axis ``mesh`` the step's B views are split over its devices (data parallel: the
-    grid and the model are replicated, each device renders and scores its views, the gradients
-    are summed across devices); B must be a multiple of the mesh size. The random draws are the
-    same as on one device, so a run gives the same result (up to summation order) either way.
-    Metrics are device scalars (fetch them in batches: fetching is a host sync).
+    Args:
+      config: read for the batch (``run.views_per_step``), the renderer and the defaults of every
+        choice left out.
+      denoiser: the model (`sjc_jax.diffusion.denoiser.Denoiser`); its ``params`` are the step's
+        second argument, never baked in.
+      estimator: ``(key, denoiser, params, images, sigma, labels) -> (cotangent, metrics)``
+        (`sjc_jax.estimators`; default `estimator_from_config`, SJC's PAAS), or a
+        `StatefulEstimator` (its state in ``TrainState.estimator_state``).
+      camera_sampler: ``(key, B) -> (cameras, labels)`` (`sjc_jax.samplers`).
+      sigma_sampler: ``(key, step, sigmas, B) -> sigma [B]``.
+      regularizers: functions ``(views, step) -> (loss [b], metrics)`` (`sjc_jax.losses`).
+      optimizer: an ``optax.GradientTransformation`` over the grid (pass the same one to
+        `init_state`).
+      mesh: a one-axis mesh: the B views are split over its devices (the renderer and its VJP
+        run per device in `jax.shard_map`; the estimator runs on the sharded batch under jit's
+        partitioner; the grid is replicated and its gradient summed). B must be a multiple of
+        the mesh size. The random draws are those of one device, so a run gives the same
+        result (up to summation order) either way.
+
+    Metrics are device scalars (fetch them in batches: fetching is a host sync): ``sigma``,
+    ``label`` (of the first view), ``opacity``, ``score_norm`` (RMS of the cotangent),
+    ``num_samples`` (the largest k), ``finite``, the regularisers' and the estimator's.
+
+    Example (any estimator, no library edit)::
+
+        def my_sds(key, denoiser, params, images, sigma, labels):
+            z, noise = estimators.perturb(key, images, sigma)
+            d = estimators.guided(denoiser, params, z, sigma, labels, 1.0)
+            w = estimators.per_image(sigma**2 / (1 + sigma**2))
+            return w * jnp.mean(estimators.noise_estimate(z, d, sigma) - noise, axis=0), {}
+
+        step = make_step(config, denoiser, estimator=my_sds)
     """
-    if config.t_max >= len(denoiser.sigmas):
-        raise ValueError(
-            f"t_max={config.t_max} is outside the model's noise table of {len(denoiser.sigmas)}"
-        )
-    size = config.image_size or denoiser.resolution
-    if size != denoiser.resolution:
-        raise ValueError(
-            f"image_size={size} differs from the model's resolution {denoiser.resolution}"
-        )
-    batch, channels = config.views_per_step, denoiser.channels
-    optimizer = make_optimizer(config)
+    batch = config.run.views_per_step
+    render_config = config.render_config()
+    estimator = estimators.as_stateful(
+        estimator_from_config(config) if estimator is None else estimator
+    )
+    camera_sampler = camera_sampler or camera_sampler_from_config(config, denoiser.resolution)
+    sigma_sampler = sigma_sampler or sigma_sampler_from_config(config)
+    regularizers = tuple(regularizers_from_config(config) if regularizers is None else regularizers)
+    optimizer = optimizer_from_config(config) if optimizer is None else optimizer
     sigmas = jnp.asarray(denoiser.sigmas, jnp.float32)
-    per_device = functools.partial(_chained_gradient, config, denoiser, size)
-    local = per_device
-    if mesh is not None:
-        if len(mesh.axis_names) != 1:
-            raise ValueError(f"mesh must have one axis, got {mesh.axis_names}")
-        axis = mesh.axis_names[0]
-        if batch % mesh.size:
-            raise ValueError(
-                f"views_per_step={batch} must be a multiple of the mesh's {mesh.size} devices"
-            )
+    # Refuse bad timestep bounds here, in one line, rather than at the first traced step.
+    jax.eval_shape(
+        lambda key: sigma_sampler(key, jnp.zeros((), jnp.int32), sigmas, batch),
+        jax.random.key(0),
+    )
+    spec = _view_spec(mesh, batch)
 
-        def sharded(*args):
-            grads, sums = per_device(*args)
-            num_samples = jax.lax.pmax(sums.pop("num_samples"), axis)
-            grads, sums = jax.lax.psum((grads, sums), axis)
-            return grads, {**sums, "num_samples": num_samples}
+    def render_views(grid: VoxelGrid, cameras, step: Array):
+        """Images ``[b, H, W, C]``, per-view weighted regulariser sums ``[b]``, metrics ``[b]``."""
+        views: ViewBatch = render_cameras(grid, cameras, render_config)
+        reg = jnp.zeros(views.num_samples.shape, jnp.float32)
+        metrics = {"opacity": jnp.mean(views.opacity.reshape(views.opacity.shape[0], -1), 1)}
+        for regularizer in regularizers:
+            loss, reg_metrics = regularizer(views, step)
+            reg, metrics = reg + loss, {**metrics, **reg_metrics}
+        metrics["num_samples"] = views.num_samples
+        return views.images, reg, metrics
 
-        views, rep = PartitionSpec(axis), PartitionSpec()
-        local = jax.shard_map(
-            sharded,
-            mesh=mesh,
-            in_specs=(rep, rep, views, views, views, PartitionSpec(None, axis), rep),
-            out_specs=(rep, rep),
-        )
+    if spec is not None:
+        render_views = jax.shard_map(
+            render_views, mesh=mesh, in_specs=(PartitionSpec(), spec, PartitionSpec()),
+            out_specs=(spec, spec, spec),
+        )  # fmt: skip
 
     def step(state: TrainState, params: Any) -> tuple[TrainState, dict[str, Array]]:
-        key_cam, key_sigma, key_noise, key_next = jax.random.split(
+        key_cam, key_sigma, key_estimator, key_next = jax.random.split(
             jax.random.wrap_key_data(state.key), 4
         )
-        cameras, labels = sample_training_cameras(
-            key_cam, batch, **config.camera_distribution(), height=size, width=size
+        cameras, labels = camera_sampler(key_cam, batch)
+        sigma = sigma_sampler(key_sigma, state.step, sigmas, batch)
+
+        def objective(grid):
+            images, reg, view_metrics = render_views(grid, cameras, state.step)
+            return (images, jnp.sum(reg) / batch), view_metrics
+
+        (images, reg), vjp_fn, view_metrics = jax.vjp(objective, state.grid, has_aux=True)
+        if spec is not None:
+            images = jax.lax.with_sharding_constraint(images, NamedSharding(mesh, spec))
+        cotangent, est_metrics, estimator_state = estimator.update(
+            key_estimator, denoiser, params, images, sigma, labels, state.estimator_state
         )
-        if not config.view_augmentation:
-            labels = jnp.zeros_like(labels)
-        sigma = _draw_sigma(config, key_sigma, state.step, sigmas, batch)
-        noise = jax.random.normal(
-            key_noise, (config.noise_samples, batch, size, size, channels), jnp.float32
-        )
-        empty_w = losses.emptiness_weight(
-            state.step,
-            config.steps,
-            weight=config.emptiness_weight,
-            multiplier=config.emptiness_multiplier,
-            ramp_fraction=config.emptiness_step,
-        )
-        grads, sums = local(state.grid, params, cameras, labels, sigma, noise, empty_w)
+        # The chained score: J_render^T cotangent plus the regularisers' gradient, in one VJP.
+        (grads,) = vjp_fn((cotangent.astype(images.dtype), jnp.ones_like(reg)))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.grid)
         grid = optax.apply_updates(state.grid, updates)
         finite = jnp.all(
             jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(grid)])
         )
-        elements = batch * size * size * channels
+        num_samples = view_metrics.pop("num_samples")
         metrics = {
             "sigma": jnp.mean(sigma),
             "label": labels[0],
-            "emptiness": sums["emptiness"] / batch,
-            "emptiness_weight": empty_w,
-            "center_depth": sums["center_depth"] / batch,
-            "opacity": sums["opacity"] / batch,
-            "score_norm": jnp.sqrt(sums["score_sq"] / elements),
-            "num_samples": sums["num_samples"],
+            **{name: jnp.mean(value) for name, value in view_metrics.items()},
+            **est_metrics,
+            "score_norm": jnp.sqrt(jnp.mean(jnp.square(cotangent))),
+            "num_samples": jnp.max(num_samples),
             "finite": finite,
         }
         new_state = TrainState(
-            step=state.step + 1, grid=grid, opt_state=opt_state, key=jax.random.key_data(key_next)
+            step=state.step + 1,
+            grid=grid,
+            opt_state=opt_state,
+            key=jax.random.key_data(key_next),
+            estimator_state=estimator_state,
         )
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)
+
+
+def views_mesh(batch: int) -> jax.sharding.Mesh | None:
+    """A mesh over all devices for ``batch`` views per step when they split evenly, else None."""
+    devices = jax.devices()
+    if len(devices) == 1 or batch % len(devices):
+        return None
+    return jax.sharding.Mesh(np.array(devices), ("views",))

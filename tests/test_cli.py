@@ -40,7 +40,7 @@ def assert_one_line_error(result, code=2, match=None):
         (["run", "--out", "x", "--steps", "many"], "invalid int value"),
         (["run", "--out", "x", "--steps", "0"], "steps must be a positive integer"),
         (["run", "--out", "x", "--dtype", "float16"], "dtype must be one of"),
-        (["run", "--out", "x", "--lr", "-1"], "lr must be positive"),
+        (["run", "--out", "x", "--lr", "-1"], "lr must be"),
         (["run", "--steps", "5"], "needs --out"),
         (["frobnicate"], "invalid choice"),
     ],

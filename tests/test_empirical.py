@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from sjc_jax.diffusion.empirical import make_empirical_denoiser
 from sjc_jax.diffusion.schedule import ddpm_sigmas
+from sjc_jax.testbed.empirical import make_empirical_denoiser
 
 M, H, C = 13, 6, 3
 

@@ -15,7 +15,7 @@ import pytest
 import trimesh
 
 from sjc_jax import runner
-from sjc_jax.scenes import load_grid_file
+from sjc_jax.grid_io import load_grid_file
 from sjc_jax.sjc import SJCConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def tiny_config(model, **kw):
         log_every=2,
         emptiness_weight=10.0,
     )
-    return SJCConfig(**{**base, **kw})
+    return SJCConfig.flat(**{**base, **kw})
 
 
 def test_end_to_end_artifacts(tiny_sd_eps, tmp_path):
@@ -42,7 +42,8 @@ def test_end_to_end_artifacts(tiny_sd_eps, tmp_path):
     summary = runner.run(tiny_config(tiny_sd_eps), out, progress=False)
     assert summary["steps"] == 6
     saved = json.loads((out / "config.json").read_text())
-    assert saved["prompt"] == "a hamburger" and saved["steps"] == 6
+    assert saved["model"]["prompt"] == "a hamburger" and saved["run"]["steps"] == 6
+    assert runner.config_from_dict(saved) == tiny_config(tiny_sd_eps)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 7))
     assert all(np.isfinite(x["score_norm"]) and x["finite"] for x in lines)
@@ -118,9 +119,10 @@ def test_sigkill_then_resume_matches(tiny_sd_eps, reference_grid, tmp_path):
 
 def test_non_finite_grid_stops_and_keeps_last_checkpoint(tiny_sd_eps, tmp_path):
     from sjc_jax.diffusion.stable_diffusion import load_stable_diffusion
+    from sjc_jax.models import Model
 
     def poisoned(config):
-        den = load_stable_diffusion(config.model, prompt=config.prompt)
+        den = load_stable_diffusion(config.model.model, prompt=config.model.prompt)
         apply = den.apply
 
         def bad_apply(params, z, sigma, label):
@@ -128,19 +130,16 @@ def test_non_finite_grid_stops_and_keeps_last_checkpoint(tiny_sd_eps, tmp_path):
             return jnp.where(params["poison"] > 0, jnp.nan, apply(params, z, sigma, label))
 
         params = {**den.params, "poison": jnp.float32(0.0)}
-        return den.__class__(**{**den.__dict__, "apply": bad_apply, "params": params}), None
+        return Model(den.__class__(**{**den.__dict__, "apply": bad_apply, "params": params}))
 
     config = tiny_config(tiny_sd_eps, steps=4, checkpoint_every=2)
     out = tmp_path / "nan"
-    runner.run(config, out, progress=False, build_denoiser=poisoned, stop_after=2)
-
-    def poisoned_now(config):
-        den, _ = poisoned(config)
-        params = {**den.params, "poison": jnp.float32(1.0)}
-        return den.__class__(**{**den.__dict__, "params": params}), None
-
+    runner.run(config, out, progress=False, model=poisoned(config), stop_after=2)
+    den = poisoned(config).denoiser
+    params = {**den.params, "poison": jnp.float32(1.0)}
+    poisoned_now = Model(den.__class__(**{**den.__dict__, "params": params}))
     with pytest.raises(runner.NonFiniteError, match="step 3"):
-        runner.run(None, out, resume=True, progress=False, build_denoiser=poisoned_now)
+        runner.run(None, out, resume=True, progress=False, model=poisoned_now)
     from sjc_jax.checkpoint import latest_step
 
     assert latest_step(out / "checkpoints") == 2

@@ -1,14 +1,11 @@
 """Tests of the procedural scenes, grid files, and the testbed's dataset and held-out cameras."""
 
-import os
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sjc_jax import scenes
 from sjc_jax.camera import (
     NUM_VIEW_LABELS,
     VIEW_BACK,
@@ -19,8 +16,9 @@ from sjc_jax.camera import (
     make_camera,
     sample_training_cameras,
 )
-from sjc_jax.grid import activate_density, init_grid
+from sjc_jax.grid import activate_density
 from sjc_jax.render import RenderConfig, render_view
+from sjc_jax.testbed import scenes
 
 RES = 32
 CONFIG = RenderConfig()
@@ -136,127 +134,6 @@ def test_sdf_primitives_against_known_distances():
     np.testing.assert_allclose(scenes.ellipsoid(p[:1], (0, 0, 0), (1, 1, 1)), [1.0])
     np.testing.assert_allclose(scenes.cylinder(p, (0, 0, 0), 1.0, 1.0, axis=0), [1.0, -1.0, 4.0])
     np.testing.assert_allclose(scenes.torus(p[1:2], (0, 0, 0), 2.0, 0.5, axis=1), [1.5])
-
-
-# --- grid files ----------------------------------------------------------------------------------
-
-
-def test_grid_file_round_trip_is_exact(grids, tmp_path):
-    grid = grids["mug"]
-    path = tmp_path / "scene.npz"
-    aabb = ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0))
-    scenes.save_grid_file(path, grid, aabb=aabb, feature_space="rgb")
-    loaded, loaded_aabb, space = scenes.load_grid_file(path)
-    assert space == "rgb"
-    np.testing.assert_array_equal(loaded_aabb, np.asarray(aabb))
-    chex.assert_trees_all_equal(loaded, grid, strict=True)
-    with np.load(path) as data:
-        assert sorted(data.files) == sorted(scenes.GRID_FILE_KEYS)
-    assert os.listdir(tmp_path) == ["scene.npz"]
-
-
-def test_grid_file_sd_latent_and_overwrite(tmp_path):
-    grid = init_grid(jax.random.key(0), resolution=(5, 6, 7), channels=4, background_resolution=3)
-    grid = grid.replace(density_scale=jnp.float32(0.25))
-    path = str(tmp_path / "latent.npz")
-    scenes.save_grid_file(path, scenes.make_scene("duck", resolution=8), feature_space="rgb")
-    scenes.save_grid_file(path, grid, aabb=((-2, -1, -1), (2, 1, 3)), feature_space="sd-latent")
-    loaded, aabb, space = scenes.load_grid_file(path)
-    assert space == "sd-latent"
-    np.testing.assert_array_equal(aabb, [[-2, -1, -1], [2, 1, 3]])
-    chex.assert_trees_all_equal(loaded, grid, strict=True)
-
-
-def _valid_arrays(grid):
-    return {
-        "density": np.asarray(grid.density),
-        "features": np.asarray(grid.features),
-        "background": np.asarray(grid.background),
-        "density_scale": np.asarray(grid.density_scale),
-        "aabb": np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]),
-        "feature_space": np.array("rgb"),
-    }
-
-
-@pytest.mark.parametrize(
-    "change, match",
-    [
-        (lambda a: a.pop("features"), "missing \\['features'\\]"),
-        (lambda a: a.update(extra=np.zeros(3)), "unexpected \\['extra'\\]"),
-        (lambda a: a.update(features=a["features"][..., :2]), "features must be"),
-        (lambda a: a.update(features=a["features"][:-1]), "features must be"),
-        (lambda a: a.update(density=a["density"][0]), "density must be"),
-        (lambda a: a.update(background=a["background"][..., :1]), "background must be"),
-        (lambda a: a.update(density_scale=np.zeros(2, np.float32)), "density_scale"),
-        (lambda a: a.update(aabb=np.zeros((2, 3))), "aabb"),
-        (lambda a: a.update(aabb=np.zeros(3)), "aabb"),
-        (lambda a: a.update(density=a["density"].astype(np.int32)), "density must be floating"),
-        (lambda a: a["features"].__setitem__((0, 0, 0, 0), np.nan), "features has non-finite"),
-        (lambda a: a["density"].__setitem__((1, 1, 1), np.inf), "density has non-finite"),
-        (lambda a: a.update(feature_space=np.array("xyz")), "feature_space must be one of"),
-        (lambda a: a.update(feature_space=np.array(["rgb"])), "feature_space must be a string"),
-        (lambda a: a.update(feature_space=np.array("sd-latent")), "features must be"),
-    ],
-)
-def test_bad_grid_files_give_clear_errors(grids, tmp_path, change, match):
-    arrays = {k: np.array(v) for k, v in _valid_arrays(grids["duck"]).items()}
-    change(arrays)
-    path = tmp_path / "bad.npz"
-    np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=match) as info:
-        scenes.load_grid_file(path)
-    assert str(path) in str(info.value)
-
-
-def test_unreadable_files(tmp_path):
-    text = tmp_path / "notes.npz"
-    text.write_text("not a zip file")
-    with pytest.raises(ValueError, match="cannot be read") as info:
-        scenes.load_grid_file(text)
-    assert str(text) in str(info.value)
-    single = tmp_path / "single.npy"
-    np.save(single, np.zeros(3))
-    with pytest.raises(ValueError, match="not an .npz"):
-        scenes.load_grid_file(single)
-    pickled = tmp_path / "pickled.npz"
-    np.savez(pickled, density=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ValueError, match="cannot be read"):
-        scenes.load_grid_file(pickled)
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        scenes.load_grid_file(tmp_path / "missing.npz")
-
-
-def test_saving_an_invalid_grid_writes_nothing(grids, tmp_path):
-    path = tmp_path / "grid.npz"
-    bad = grids["duck"].replace(density=grids["duck"].density.at[0, 0, 0].set(jnp.nan))
-    with pytest.raises(ValueError, match="density has non-finite"):
-        scenes.save_grid_file(path, bad, feature_space="rgb")
-    with pytest.raises(ValueError, match="features must be"):
-        scenes.save_grid_file(path, grids["duck"], feature_space="sd-latent")
-    with pytest.raises(ValueError, match="aabb"):
-        scenes.save_grid_file(path, grids["duck"], aabb=((1, 1, 1), (0, 0, 0)), feature_space="rgb")
-    assert os.listdir(tmp_path) == []
-
-
-def test_save_is_atomic(grids, tmp_path, monkeypatch):
-    """A failure in the middle of writing leaves the old file intact and no temporary file."""
-    path = tmp_path / "grid.npz"
-    scenes.save_grid_file(path, grids["duck"], feature_space="rgb")
-    before = path.read_bytes()
-
-    def broken_savez(file, **arrays):
-        file.write(b"PK\x03\x04 partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(np, "savez", broken_savez)
-    with pytest.raises(OSError, match="disk full"):
-        scenes.save_grid_file(path, grids["house"], feature_space="rgb")
-    assert os.listdir(tmp_path) == ["grid.npz"]
-    assert path.read_bytes() == before
-    fresh = tmp_path / "fresh.npz"
-    with pytest.raises(OSError, match="disk full"):
-        scenes.save_grid_file(fresh, grids["house"], feature_space="rgb")
-    assert os.listdir(tmp_path) == ["grid.npz"]
 
 
 # --- dataset and held-out cameras --------------------------------------------------------------

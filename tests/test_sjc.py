@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from sjc_jax import losses, sjc
-from sjc_jax.camera import generate_rays, sample_training_cameras
+from sjc_jax import estimators, losses, optim, sjc
+from sjc_jax.camera import generate_rays
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.diffusion.schedule import ddpm_sigmas
 from sjc_jax.render import intersect_rays, render_rays, step_size, view_sample_count
@@ -38,53 +38,163 @@ def small_config(**kw) -> sjc.SJCConfig:
     base = dict(
         grid_resolution=6, steps=10, emptiness_weight=5.0, center_depth_weight=0.5, views_per_step=2
     )
-    return sjc.SJCConfig(**{**base, **kw})
+    return sjc.SJCConfig.flat(**{**base, **kw})
 
 
-def test_step_equals_explicit_chain_rule():
-    """One step's update equals Adamax applied to -J^T g + grad(reg), computed independently
-    with jax.grad of the surrogate sum(-g * y) + reg over the same cameras, sigma and noise."""
-    config = small_config()
+class Recorder:
+    """Wraps a research choice and keeps what it was called with and returned (run eagerly)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args):
+        out = self.fn(*args)
+        self.calls.append((args, out))
+        return out
+
+
+CHAIN_CASES = {
+    "sjc": dict(),
+    "sjc eq15 n3 sigma2": dict(var_red=False, noise_samples=3, score_scale="sigma2"),
+    "sjc guided": dict(guidance_scale=7.0),
+    "sds fantasia3d": dict(estimator="sds", sds_weighting="fantasia3d", noise_samples=2),
+    "nfsd": dict(estimator="nfsd", guidance_scale=7.5),
+    "csd": dict(estimator="csd"),
+    "annealed": dict(sigma_schedule="annealed"),
+    "dreamtime": dict(sigma_schedule="dreamtime"),
+    "fixed": dict(sigma_schedule="fixed", t_max=500),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAIN_CASES))
+def test_step_equals_explicit_chain_rule(case):
+    """One step's update equals Adamax applied to ``J^T cotangent + grad(reg)``, computed
+    independently (jax.grad of the surrogate ``sum(stop_gradient(c) * y) + reg``) from what the
+    step's camera sampler, sigma sampler and estimator were called with and returned."""
+    config = small_config(**CHAIN_CASES[case])
     den = toy_denoiser()
+    cams = Recorder(sjc.camera_sampler_from_config(config, SIZE))
+    sigmas = Recorder(sjc.sigma_sampler_from_config(config))
+    est = Recorder(sjc.estimator_from_config(config))
     state = sjc.init_state(config, 3)
     grid0 = jax.tree_util.tree_map(jnp.array, state.grid)
-    key = jax.random.wrap_key_data(jnp.array(state.key))  # the step donates the state
-    new_state, _ = sjc.make_step(config, den)(state, den.params)
+    step = sjc.make_step(config, den, estimator=est, camera_sampler=cams, sigma_sampler=sigmas)
+    with jax.disable_jit():
+        new_state, _ = step(state, den.params)
+    (_, (cameras, labels)), (_, sigma) = cams.calls[-1], sigmas.calls[-1]
+    (key, _, _, images, est_sigma, est_labels), (cotangent, _) = est.calls[-1]
+    np.testing.assert_array_equal(est_sigma, sigma)
+    np.testing.assert_array_equal(est_labels, labels)
+    # The estimator's output is also a function of its inputs alone.
+    again = sjc.estimator_from_config(config)(key, den, den.params, images, sigma, labels)[0]
+    np.testing.assert_allclose(again, cotangent, rtol=1e-6, atol=1e-7)
 
-    key_cam, key_sigma, key_noise, _ = jax.random.split(key, 4)
-    cams, labels = sample_training_cameras(key_cam, 2, height=SIZE, width=SIZE)
-    o, d = jax.vmap(generate_rays)(cams)
+    rc = config.render_config()
+    o, d = jax.vmap(generate_rays)(cameras)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     t0, t1 = intersect_rays(o, d)
-    sigma = ddpm_sigmas()[np.asarray(jax.random.randint(key_sigma, (2,), 10, 970))]
-    noise = jax.random.normal(key_noise, (1, 2, SIZE, SIZE, 3))[0]
-    rc = config.render_config()
     k = view_sample_count(t0.reshape(2, -1), t1.reshape(2, -1), step_size(rc, (6, 6, 6)))
 
     def surrogate(grid):
         out = render_rays(grid, o, d, t0, t1, rc)
         y = out.features.reshape(2, SIZE, SIZE, 3)
-        z = y + sigma[:, None, None, None] * noise
-        dn = 0.5 * z + 0.2 * labels[:, None, None, None]
-        g = jax.lax.stop_gradient((dn - y) / sigma[:, None, None, None])
         w = out.weights.reshape(2, SIZE * SIZE, -1)
         empty = jnp.mean(jnp.stack([losses.emptiness_loss(w[i], k[i]) for i in range(2)]))
         depth = out.depth.reshape(2, SIZE, SIZE)
         center = jnp.mean(jnp.stack([losses.center_depth_loss(depth[i]) for i in range(2)]))
-        return jnp.sum(-g * y) + 5.0 * empty + 0.5 * center
+        return jnp.sum(jax.lax.stop_gradient(cotangent) * y) + 5.0 * empty + 0.5 * center, y
 
-    grads = jax.grad(surrogate)(grid0)
-    opt = sjc.make_optimizer(config)
+    grads, y = jax.grad(surrogate, has_aux=True)(grid0)
+    np.testing.assert_allclose(y, images, rtol=1e-5, atol=1e-6)
+    opt = sjc.optimizer_from_config(config)
     updates, _ = opt.update(grads, opt.init(grid0), grid0)
     expected = optax.apply_updates(grid0, updates)
     chex.assert_trees_all_close(new_state.grid, expected, atol=1e-5, rtol=1e-5)
     assert int(new_state.step) == 1
 
 
+def test_sjc_eq16_and_sds_uniform_give_the_same_update():
+    """SJC (var_red) and SDS with w = 1 are the same image-space vector: same grid, same key."""
+    den = toy_denoiser()
+    grids = []
+    for extra in (dict(), dict(estimator="sds", sds_weighting="uniform")):
+        config = small_config(guidance_scale=1.0, **extra)
+        step = sjc.make_step(config, den)
+        state = sjc.init_state(config, 3)
+        for _ in range(3):
+            state, _ = step(state, den.params)
+        grids.append(jax.device_get(state.grid))
+    # The two differ only by float32 rounding of (D - y) / sigma vs (z - D) / sigma - n.
+    chex.assert_trees_all_close(grids[0], grids[1], atol=2e-6, rtol=1e-6)
+
+
+def test_custom_estimator_in_ten_lines():
+    """A function passed as ``estimator=`` runs through make_step with no library edit."""
+
+    def my_sds(key, denoiser, params, images, sigma, labels):
+        z, noise = estimators.perturb(key, images, sigma)
+        d = estimators.guided(denoiser, params, z, sigma, labels, 1.0)
+        w = estimators.per_image(jnp.sqrt(sigma))
+        grad = w * jnp.mean(estimators.noise_estimate(z, d, sigma) - noise, axis=0)
+        return grad, {"my_norm": jnp.mean(jnp.abs(grad))}
+
+    config = small_config()
+    den = toy_denoiser()
+    step = sjc.make_step(config, den, estimator=my_sds)
+    state = sjc.init_state(config, 3)
+    state, metrics = step(state, den.params)
+    assert bool(metrics["finite"]) and float(metrics["my_norm"]) > 0
+
+
+def test_stateful_estimator_state_is_carried_in_the_train_state():
+    base = sjc.estimator_from_config(small_config())
+
+    def update(key, denoiser, params, images, sigma, labels, state):
+        cot, metrics = base(key, denoiser, params, images, sigma, labels)
+        return cot, {"count": state["count"]}, {"count": state["count"] + 1}
+
+    est = estimators.StatefulEstimator(
+        init=lambda key, den, params: {"count": jnp.int32(0)}, update=update
+    )
+    config, den = small_config(), toy_denoiser()
+    state = sjc.init_state(config, 3, estimator=est, denoiser=den)
+    step = sjc.make_step(config, den, estimator=est)
+    for _ in range(3):
+        state, metrics = step(state, den.params)
+    assert int(state.estimator_state["count"]) == 3 and int(metrics["count"]) == 2
+
+
+def test_regularizers_and_optimizer_as_values():
+    """A custom regulariser list and optax optimiser replace the config's."""
+    config, den = small_config(), toy_denoiser()
+
+    def opacity_penalty(views, step):
+        loss = jnp.mean(views.opacity.reshape(views.opacity.shape[0], -1), axis=1)
+        return 0.1 * loss, {"penalty": loss}
+
+    opt = optax.sgd(1e-3)
+    state = sjc.init_state(config, 3, optimizer=opt)
+    step = sjc.make_step(config, den, regularizers=[opacity_penalty], optimizer=opt)
+    state, metrics = step(state, den.params)
+    assert "penalty" in metrics and "emptiness" not in metrics
+    assert bool(metrics["finite"])
+
+
+def test_optimizer_groups_follow_the_field_names():
+    grid = sjc.init_state(small_config(), 3).grid
+    labels = optim.field_labels(grid)
+    assert labels.background == "background"
+    assert {labels.density, labels.features, labels.density_scale} == {"field"}
+    assert optim.field_labels({"background": 1, "coarse": {"density": 2}}) == {
+        "background": "background",
+        "coarse": {"density": "field"},
+    }
+
+
 def test_adamax_matches_torch_formula_with_background_lr():
     config = small_config(lr=0.05, background_lr=1e-4)
     state = sjc.init_state(config, 3)
-    opt = sjc.make_optimizer(config)
+    opt = sjc.optimizer_from_config(config)
     params, opt_state = state.grid, opt.init(state.grid)
     rng = np.random.default_rng(0)
     m = {f: 0.0 for f in ("density", "features", "background", "density_scale")}
@@ -135,18 +245,20 @@ def test_reproducible_from_seed_and_view_labels_off():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="steps"):
-        sjc.SJCConfig(steps=0)
+        sjc.SJCConfig.flat(steps=0)
     with pytest.raises(ValueError, match="dtype"):
-        sjc.SJCConfig(dtype="float16")
+        sjc.SJCConfig.flat(dtype="float16")
     with pytest.raises(ValueError, match="sigma_schedule"):
-        sjc.SJCConfig(sigma_schedule="cosine")
+        sjc.SJCConfig.flat(sigma_schedule="cosine")
+    with pytest.raises(ValueError, match="estimator"):
+        sjc.SJCConfig.flat(estimator="vsd")
     with pytest.raises(ValueError, match="t_max"):
-        sjc.make_step(sjc.SJCConfig(t_max=5000), toy_denoiser())
-    with pytest.raises(ValueError, match="image_size"):
-        sjc.make_step(sjc.SJCConfig(image_size=16), toy_denoiser())
+        sjc.make_step(sjc.SJCConfig.flat(t_max=5000), toy_denoiser())
     defaults = sjc.SJCConfig()
-    assert (defaults.lr, defaults.background_lr, defaults.emptiness_weight) == (0.05, 1e-4, 1e4)
-    assert (defaults.t_min, defaults.t_max, defaults.guidance_scale) == (10, 969, 100.0)
+    assert (defaults.optimizer.lr, defaults.optimizer.background_lr) == (0.05, 1e-4)
+    assert defaults.regularizers.emptiness_weight == 1e4
+    assert (defaults.score.t_min, defaults.score.t_max) == (10, 969)
+    assert (defaults.score.guidance_scale, defaults.score.estimator) == (100.0, "sjc")
 
 
 DATA_PARALLEL_SCRIPT = """

@@ -30,6 +30,7 @@ def test_load_eps_pipeline_and_denoise(tiny_sd_eps):
     assert (den.channels, den.resolution, den.feature_space) == (4, 8, "sd-latent")
     np.testing.assert_array_equal(den.sigmas, schedule.ddpm_sigmas())
     assert den.params["cond"].shape == (4, 77, 32) and den.params["uncond"].shape == (77, 32)
+    assert den.params["negative"].shape == (77, 32)
     # Not committed to the CPU by the Flax loaders: the jitted step places them on its device.
     assert not any(leaf.committed for leaf in jax.tree_util.tree_leaves(den.params))
     z, sigma, label = _inputs()
@@ -41,11 +42,12 @@ def test_load_eps_pipeline_and_denoise(tiny_sd_eps):
 
 
 def test_embeddings_follow_the_view_texts(eps_components):
-    cond = sd.view_conditioning(eps_components, PROMPT)
-    texts = (*view_prompts(PROMPT), "")
+    cond = sd.view_conditioning(eps_components, PROMPT, negative_prompt="blurry")
+    texts = (*view_prompts(PROMPT), "", "blurry")
     direct = sd.encode_prompts(eps_components, texts)
     np.testing.assert_allclose(cond["cond"], direct[:4], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cond["uncond"], direct[4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cond["negative"], direct[5], rtol=1e-5, atol=1e-6)
     assert not np.allclose(cond["cond"][0], cond["cond"][3])
     same = sd.view_conditioning(eps_components, PROMPT, view_augmentation=False)["cond"]
     np.testing.assert_array_equal(same[0], same[3])
@@ -66,32 +68,50 @@ class _FakeUNet:
         return SimpleNamespace(sample=jnp.zeros_like(x) + context[:, 0, 0][:, None, None, None])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_apply_runs_one_cfg_call_with_label_embeddings(eps_components, dtype):
-    fake = _FakeUNet()
-    comps = dataclasses.replace(eps_components, unet=fake, dtype=dtype)
-    rng = np.random.default_rng(0)
-    params = {
+def _fake_params(rng):
+    return {
         "unet": None,
         "cond": jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32),
         "uncond": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+        "negative": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
     }
-    z, sigma, label = _inputs()
-    d = jax.jit(sd.make_apply(comps, guidance_scale=100.0))(params, z, sigma, label)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_apply_picks_each_label_condition(eps_components, dtype):
+    """Labels 0..3 take the view embeddings, -1 the empty prompt, -2 the negative prompt."""
+    fake = _FakeUNet()
+    comps = dataclasses.replace(eps_components, unet=fake, dtype=dtype)
+    params = _fake_params(np.random.default_rng(0))
+    z = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
+    sigma, label = jnp.array([0.5, 3.0, 1.0, 2.0]), jnp.array([0, 3, -1, -2], jnp.int32)
+    d = jax.jit(sd.make_apply(comps))(params, z, sigma, label)
     assert fake.calls == [((4, 4, 8, 8), dtype, (4,), dtype)]
     q = lambda v: np.asarray(jnp.asarray(v, dtype), np.float64)  # what the UNet saw
-    eps_u = q(params["uncond"][0, 0])
-    eps_c = q(params["cond"][np.asarray(label), 0, 0])
-    eps = eps_u + 100.0 * (eps_c - eps_u)
+    rows = [params["cond"][0], params["cond"][3], params["uncond"], params["negative"]]
+    eps = np.array([q(r[0, 0]) for r in rows])
     expected = np.asarray(z) - np.asarray(sigma)[:, None, None, None] * eps[:, None, None, None]
     assert d.dtype == jnp.float32
     np.testing.assert_allclose(d, expected, rtol=1e-5, atol=1e-4)
-    # guidance 1: the conditional model alone, one call at batch B.
-    fake.calls.clear()
-    d1 = sd.make_apply(comps, guidance_scale=1.0)(params, z, sigma, label)
-    assert [c[0] for c in fake.calls] == [(2, 4, 8, 8)]
-    expected1 = np.asarray(z) - np.asarray(sigma)[:, None, None, None] * eps_c[:, None, None, None]
-    np.testing.assert_allclose(d1, expected1, rtol=1e-5, atol=1e-4)
+
+
+def test_guidance_is_one_unet_call_of_batch_2b(eps_components):
+    """The SJC estimator's CFG through SD: one UNet call of 2B, eps_u + s (eps_c - eps_u)."""
+    from sjc_jax import estimators
+    from sjc_jax.diffusion.denoiser import Denoiser
+
+    fake = _FakeUNet()
+    comps = dataclasses.replace(eps_components, unet=fake)
+    params = _fake_params(np.random.default_rng(1))
+    den = Denoiser(sd.make_apply(comps), params, comps.sigmas, 4, 8, "sd-latent", None)
+    z, sigma, label = _inputs()
+    d = estimators.guided(den, params, z[None], sigma, label, 100.0)[0]
+    assert [c[0] for c in fake.calls] == [(4, 4, 8, 8)]
+    eps_u = np.float64(params["uncond"][0, 0])
+    eps_c = np.asarray(params["cond"][np.asarray(label), 0, 0], np.float64)
+    eps = eps_u + 100.0 * (eps_c - eps_u)
+    expected = np.asarray(z) - np.asarray(sigma)[:, None, None, None] * eps[:, None, None, None]
+    np.testing.assert_allclose(d, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_apply_snaps_sigma_to_the_nearest_timestep(eps_components):
@@ -103,22 +123,22 @@ def test_apply_snaps_sigma_to_the_nearest_timestep(eps_components):
             return super().apply(variables, x, t, context)
 
     comps = dataclasses.replace(eps_components, unet=RecordT())
-    params = {"unet": None, "cond": jnp.zeros((4, 3, 2)), "uncond": jnp.zeros((3, 2))}
+    params = _fake_params(np.random.default_rng(2))
     s = schedule.ddpm_sigmas()
     z, _, label = _inputs()
     sd.make_apply(comps)(params, z, jnp.array([s[10] * 1.001, s[969]]), label)
-    np.testing.assert_array_equal(seen[0], [10, 969, 10, 969])
+    np.testing.assert_array_equal(seen[0], [10, 969])
 
 
 def test_v_prediction_is_converted(tiny_sd_eps, tiny_sd_v):
     """Same weights read as eps- and as v-model: D_v follows from D_eps by the VP algebra."""
-    den_e = sd.load_stable_diffusion(tiny_sd_eps, prompt=PROMPT, guidance_scale=7.5)
-    den_v = sd.load_stable_diffusion(tiny_sd_v, prompt=PROMPT, guidance_scale=7.5)
+    den_e = sd.load_stable_diffusion(tiny_sd_eps, prompt=PROMPT)
+    den_v = sd.load_stable_diffusion(tiny_sd_v, prompt=PROMPT)
     z, sigma, label = _inputs()
     both = jax.jit(lambda p, q: (den_e.apply(p, z, sigma, label), den_v.apply(q, z, sigma, label)))
     d_e, d_v = (np.asarray(x, np.float64) for x in both(den_e.params, den_v.params))
     sg = np.asarray(sigma, np.float64)[:, None, None, None]
-    out = (np.asarray(z) - d_e) / sg  # the guided network output
+    out = (np.asarray(z) - d_e) / sg  # the network output
     a = 1 / np.sqrt(1 + sg**2)
     eps_v = sg * a * (a * np.asarray(z)) + a * out  # eps = s x + a v, x = a z
     np.testing.assert_allclose(d_v, np.asarray(z) - sg * eps_v, rtol=1e-4, atol=1e-4)
@@ -138,9 +158,12 @@ def test_torch_only_pipeline_matches_torch(tiny_sd_torch):
     torch = pytest.importorskip("torch")
     from diffusers import UNet2DConditionModel
 
-    den = sd.load_stable_diffusion(tiny_sd_torch, prompt=PROMPT, guidance_scale=3.0)
+    from sjc_jax import estimators
+
+    den = sd.load_stable_diffusion(tiny_sd_torch, prompt=PROMPT)
     z, sigma, label = _inputs()
-    d = np.asarray(jax.jit(den.apply)(den.params, z, sigma, label), np.float64)
+    guided = jax.jit(lambda p: estimators.guided(den, p, z[None], sigma, label, 3.0)[0])
+    d = np.asarray(guided(den.params), np.float64)
     assert d.shape == (2, 8, 8, 4) and np.all(np.isfinite(d))
     # Reference: the PyTorch UNet itself on the same inputs and embeddings.
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_torch / "unet").eval()

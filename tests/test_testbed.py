@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sjc_jax import scenes, sjc, testbed
+from sjc_jax import grid_io, sjc, testbed
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
+from sjc_jax.testbed import scenes
 
 # A tiny world: 16^3 scene, 16 px renders, so building and a short lift take seconds.
 TINY = dict(
@@ -56,7 +57,7 @@ def test_load_scene_grid_file_round_trip(tmp_path):
     grid = tiny_scene(12)
     aabb = ((-0.8, -1.0, -1.0), (0.8, 1.0, 1.2))
     path = tmp_path / "mine.npz"
-    scenes.save_grid_file(path, grid, aabb=aabb, feature_space="rgb")
+    grid_io.save_grid_file(path, grid, aabb=aabb, feature_space="rgb")
     loaded, loaded_aabb, space = testbed.load_scene(str(path))
     chex.assert_trees_all_equal(loaded, grid)
     np.testing.assert_allclose(loaded_aabb, np.asarray(aabb))
@@ -73,7 +74,7 @@ def test_load_scene_errors(tmp_path):
         features=jnp.zeros(latent.density.shape + (4,)), background=jnp.zeros((4, 4, 4))
     )
     path = tmp_path / "latent.npz"
-    scenes.save_grid_file(path, latent, feature_space="sd-latent")
+    grid_io.save_grid_file(path, latent, feature_space="sd-latent")
     with pytest.raises(ValueError, match="needs 'rgb'"):
         testbed.load_scene(str(path))
     broken = tmp_path / "broken.npz"
@@ -87,11 +88,11 @@ def test_load_scene_errors(tmp_path):
 
 def test_preset_and_overrides():
     config = testbed.testbed_config()
-    assert config.model == "testbed"
-    assert config.background_lr == 0.0  # the known background is frozen
-    assert config.emptiness_weight < sjc.SJCConfig().emptiness_weight
-    assert config.t_max < sjc.SJCConfig().t_max
-    assert testbed.testbed_config(steps=7, seed=3).steps == 7
+    assert config.model.model == "testbed"
+    assert config.optimizer.background_lr == 0.0  # the known background is frozen
+    assert config.regularizers.emptiness_weight < sjc.SJCConfig().regularizers.emptiness_weight
+    assert config.score.t_max < sjc.SJCConfig().score.t_max
+    assert testbed.testbed_config(steps=7, seed=3).run.steps == 7
     with pytest.raises(ValueError, match="unknown SJCConfig fields"):
         testbed.testbed_config(stepz=7)
     with pytest.raises(ValueError, match="steps"):
@@ -100,13 +101,18 @@ def test_preset_and_overrides():
 
 def test_sd_defaults_are_untouched():
     config = sjc.SJCConfig()
-    assert (config.emptiness_weight, config.background_lr, config.t_min, config.t_max) == (
+    assert (
+        config.regularizers.emptiness_weight,
+        config.optimizer.background_lr,
+        config.score.t_min,
+        config.score.t_max,
+    ) == (
         1e4,
         1e-4,
         10,
         969,
     )
-    assert config.grid_resolution == 100 and config.views_per_step == 1
+    assert config.render.grid_resolution == 100 and config.run.views_per_step == 1
 
 
 # --- build_testbed -----------------------------------------------------------------------------
@@ -116,14 +122,14 @@ def test_build_testbed_shapes_and_denoiser(tiny_testbed):
     config, tb = tiny_testbed
     d = tb.denoiser
     assert (d.channels, d.resolution, d.feature_space) == (3, 16, "rgb")
-    assert int(np.sum(d.params["counts"])) == config.testbed_views
-    num_eval = 2 * config.testbed_eval_views
+    assert int(np.sum(d.params["counts"])) == config.testbed.testbed_views
+    num_eval = 2 * config.testbed.testbed_eval_views
     assert tb.eval_cameras.eye.shape == (num_eval, 3)
     chex.assert_shape(tb.eval_images, (num_eval, 16, 16, 3))
     chex.assert_shape(tb.eval_opacity, (num_eval, 16, 16))
     assert isinstance(tb.background, np.ndarray)
     np.testing.assert_array_equal(tb.background, np.asarray(tb.ground_truth.background))
-    chex.assert_shape(tb.images, (config.testbed_views, 16, 16, 3))
+    chex.assert_shape(tb.images, (config.testbed.testbed_views, 16, 16, 3))
     np.testing.assert_array_equal(
         np.bincount(tb.labels, minlength=4), np.asarray(d.params["counts"])
     )
@@ -167,7 +173,7 @@ def test_no_view_augmentation_gives_one_set():
     config = testbed.testbed_config(**TINY, view_augmentation=False)
     tb = testbed.build_testbed(config, tiny_scene(), key=jax.random.key(1))
     counts = np.asarray(tb.denoiser.params["counts"])
-    assert counts[0] == config.testbed_views and np.all(counts[1:] == 0)
+    assert counts[0] == config.testbed.testbed_views and np.all(counts[1:] == 0)
 
 
 def test_initial_grid_matches_init_state(tiny_testbed):
@@ -220,7 +226,7 @@ def test_short_lift_raises_psnr(tiny_testbed):
     before = testbed.evaluate(testbed.initial_grid(config, tb), tb, config)
     state = testbed.lift(config, tb)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(state.grid))
-    assert int(state.step) == config.steps
+    assert int(state.step) == config.run.steps
     after = testbed.evaluate(state.grid, tb, config)
     # Measured: 7.8 -> 27.1 dB in 200 steps (IoU 0.21 -> 0.40: 16 px silhouettes are coarse, so
     # only PSNR is asserted; IoU is calibrated at the preset's sizes, see testbed_config).
@@ -239,9 +245,9 @@ def test_preset_recovers_an_unseen_scene_from_a_grid_file(tmp_path):
         (scenes.sphere(points, (0.0, -0.38, 0.22), 0.06), np.array((0.9, 0.1, 0.1))),
     ]
     path = tmp_path / "lamp.npz"
-    scenes.save_grid_file(path, scenes.scene_from_parts(parts, voxel), feature_space="rgb")
+    grid_io.save_grid_file(path, scenes.scene_from_parts(parts, voxel), feature_space="rgb")
     config = testbed.testbed_config(scene=str(path))
-    ground_truth, aabb, _ = testbed.load_scene(config.scene)
-    tb = testbed.build_testbed(config, ground_truth, key=jax.random.key(config.seed), aabb=aabb)
+    ground_truth, aabb, _ = testbed.load_scene(config.testbed.scene)
+    tb = testbed.build_testbed(config, ground_truth, key=jax.random.key(config.run.seed), aabb=aabb)
     result = testbed.evaluate(testbed.lift(config, tb).grid, tb, config)
     assert result["psnr"] >= 28.0 and result["iou"] >= 0.8, result

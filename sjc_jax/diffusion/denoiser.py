@@ -1,10 +1,21 @@
 """The denoiser interface of the SJC step, and eps/v -> D conversions and classifier-free guidance.
 
 A denoiser here is the VE-form posterior mean ``D(z, sigma, label)``: ``z = y + sigma * n`` is a
-noisy image, ``label`` selects the condition (the view label of view-augmented prompting, or a
-subset for the empirical denoiser). Whatever model is behind it, the SJC step only sees
+noisy image, ``label`` selects the condition. Whatever model is behind it, the step only sees
 `Denoiser.apply`, a pure jittable function, and `Denoiser.params`, a pytree passed to the jitted
 step as an argument (so large weights are never baked into the compiled program as constants).
+
+Conditions are integer labels, the same for every model:
+
+* ``0..3``: the view labels of view-augmented prompting (front, side, backside, overhead; the
+  empirical denoiser's subset of that label);
+* `UNCONDITIONAL` (-1): no condition (SD: the empty prompt; the empirical denoiser: the whole
+  set);
+* `NEGATIVE` (-2): a negative condition (SD: the negative prompt; models without one treat it as
+  unconditional).
+
+A denoiser applies no guidance: estimators (`sjc_jax.estimators`) ask for the conditions they
+need (in one call of the model where they need several) and combine them themselves.
 """
 
 from __future__ import annotations
@@ -19,6 +30,9 @@ import numpy as np
 
 Array = jax.Array
 
+UNCONDITIONAL = -1  # label of the unconditional prediction
+NEGATIVE = -2  # label of the negative-prompt prediction
+
 # (params, z [B, H, W, C], sigma [B], label [B] int32) -> D [B, H, W, C]
 ApplyFn = Callable[[Any, Array, Array, Array], Array]
 # images [B, H, W, C] in the model's feature space -> RGB [B, H', W', 3] in [0, 1]
@@ -30,8 +44,9 @@ class Denoiser:
     """A VE denoiser and what the SJC loop needs to know about its model.
 
     Attributes:
-      apply: ``(params, z [B, H, W, C], sigma [B], label [B] int32) -> D [B, H, W, C]``; pure and
-        jittable; ``sigma`` may be any positive level (models with a discrete table snap it).
+      apply: ``(params, z [B, H, W, C], sigma [B], label [B] int32) -> D [B, H, W, C]``, the
+        unguided denoiser of each image's condition (module docstring); pure and jittable;
+        ``sigma`` may be any positive level (models with a discrete table snap it).
       params: pytree of arrays that `apply` reads (weights, condition tables, image sets).
       sigmas: ``[T]`` ascending noise table of the model, ``sigmas[t]`` the level of timestep t;
         the noise schedules of the SJC loop draw from it.
@@ -97,5 +112,9 @@ def eps_to_denoised(z: Array, sigma: Array, eps: Array) -> Array:
 
 
 def classifier_free_guidance(eps_uncond: Array, eps_cond: Array, scale: float | Array) -> Array:
-    """``eps_u + scale (eps_c - eps_u)``: scale 1 is the conditional model, 0 the unconditional."""
+    """``eps_u + scale (eps_c - eps_u)``: scale 1 is the conditional model, 0 the unconditional.
+
+    It applies to denoised images as well (``D = z - sigma eps`` is affine in eps for the same z
+    and sigma, so guiding D or eps gives the same D).
+    """
     return eps_uncond + scale * (eps_cond - eps_uncond)

@@ -94,7 +94,8 @@ def sigma_to_timestep(sigmas: Array, sigma: Array) -> Array:
     return jnp.argmin(jnp.abs(sigmas - sigma[..., None]), axis=-1).astype(jnp.int32)
 
 
-def _check_bounds(t_min: int, t_max: int, num_timesteps: int) -> None:
+def check_timestep_bounds(t_min: int, t_max: int, num_timesteps: int) -> None:
+    """Raise ValueError unless ``0 <= t_min <= t_max < num_timesteps``."""
     if not 0 <= t_min <= t_max < num_timesteps:
         raise ValueError(
             f"need 0 <= t_min <= t_max < {num_timesteps} (table size), got {t_min}, {t_max}"
@@ -110,7 +111,7 @@ def random_timestep(
     shape: Sequence[int] = (),
 ) -> Array:
     """Uniform integer timesteps in ``[t_min, t_max]`` (inclusive), ``shape`` int32."""
-    _check_bounds(t_min, t_max, num_timesteps)
+    check_timestep_bounds(t_min, t_max, num_timesteps)
     return jax.random.randint(key, tuple(shape), t_min, t_max + 1, dtype=jnp.int32)
 
 
@@ -150,7 +151,7 @@ def annealed_timestep(
     clipped to ``[t_min, t_max]``. ``jitter=0`` gives the deterministic linear ramp. ``step`` may
     be traced (no recompiles); ``num_steps`` is static.
     """
-    _check_bounds(t_min, t_max, num_timesteps)
+    check_timestep_bounds(t_min, t_max, num_timesteps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
     if jitter < 0:

@@ -3,7 +3,7 @@
 The pieces compose: `resolve_model_dir` (hub id or local diffusers-format directory),
 `load_components` (models, params, noise table, prediction type), `encode_prompts` and
 `view_conditioning` (text embeddings, computed once per distinct text), `make_apply` (the
-jittable ``D(z, sigma, label)`` with classifier-free guidance), `make_decode` (VAE) and
+jittable unguided ``D(z, sigma, label)``), `make_decode` (VAE) and
 `latent_to_rgb_approx`; `load_stable_diffusion` chains them into a `Denoiser`.
 
 Conventions of this module:
@@ -13,7 +13,8 @@ Conventions of this module:
 * ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with t the nearest timestep of the
   model's noise table (SJC_REFERENCE.md section 3); v-prediction is converted to eps first.
 * ``params`` of the denoiser: ``{"unet": UNet params, "cond": [4, L, D] view-label embeddings,
-  "uncond": [L, D] embedding of the negative prompt}`` (L = 77 tokens for SD).
+  "uncond": [L, D] embedding of the empty prompt, "negative": [L, D] of the negative prompt}``
+  (L = 77 tokens for SD); the condition labels of `sjc_jax.diffusion.denoiser` index them.
 * Errors of loading are `ModelLoadError` (a `ValueError`), one line each.
 """
 
@@ -36,7 +37,6 @@ from sjc_jax.diffusion.denoiser import (
     ApplyFn,
     DecodeFn,
     Denoiser,
-    classifier_free_guidance,
     eps_to_denoised,
     model_output_to_eps,
     vp_coefficients,
@@ -345,50 +345,57 @@ def view_conditioning(
     view_augmentation: bool = True,
     negative_prompt: str = "",
 ) -> dict[str, Array]:
-    """``{"cond": [4, L, D] by view label, "uncond": [L, D]}`` (5 distinct texts at most)."""
+    """``{"cond": [4, L, D] by view label, "uncond": [L, D], "negative": [L, D]}``.
+
+    ``uncond`` is the empty prompt (the original's unconditional text), ``negative`` the
+    ``negative_prompt`` (the `NEGATIVE` condition); at most 6 distinct texts are encoded.
+    """
     texts = view_prompts(prompt, view_augmentation=view_augmentation)
-    emb = encode_prompts(components, (*texts, negative_prompt))
-    return {"cond": emb[:4], "uncond": emb[4]}
+    emb = encode_prompts(components, (*texts, "", negative_prompt))
+    return {"cond": emb[:4], "uncond": emb[4], "negative": emb[5]}
 
 
-def make_apply(
-    components: SDComponents, *, guidance_scale: float = 100.0, attention: str = "auto"
-) -> ApplyFn:
+def condition_table(params: Any, label: Array) -> Array:
+    """Text embeddings ``[B, L, D]`` of condition labels ``[B]`` (`sjc_jax.diffusion.denoiser`).
+
+    Labels 0..3 select the view prompts, `UNCONDITIONAL` (-1) the empty prompt, `NEGATIVE` (-2)
+    the negative prompt.
+    """
+    table = jnp.concatenate([params["cond"], params["uncond"][None], params["negative"][None]])
+    views = params["cond"].shape[0]
+    label = jnp.asarray(label, jnp.int32)
+    index = jnp.where(label >= 0, label, views - 1 - label)  # -1 -> views, -2 -> views + 1
+    return table[jnp.clip(index, 0, table.shape[0] - 1)]
+
+
+def make_apply(components: SDComponents, *, attention: str = "auto") -> ApplyFn:
     """The jittable VE denoiser ``(params, z [B, H, W, 4], sigma [B], label [B]) -> D`` float32.
 
-    ``params = {"unet", "cond", "uncond"}`` (module docstring). With CFG (``guidance_scale !=
-    1``) the UNet runs once at batch 2B, the unconditional half first. ``attention`` picks the
-    UNet's attention kernel (`sjc_jax.diffusion.attention`; the same function either way).
+    ``params = {"unet", "cond", "uncond", "negative"}`` (module docstring); ``label`` picks each
+    image's condition (`condition_table`). No guidance here: estimators combine conditions, and
+    `predict_pair` asks for two in one UNet call of batch 2B. ``attention`` picks the UNet's
+    attention kernel (`sjc_jax.diffusion.attention`; the same function either way).
     """
     unet, dtype, prediction_type = components.unet, components.dtype, components.prediction_type
     kernel = resolve_attention(attention, dtype)
     sigmas = np.asarray(components.sigmas)
-    guided = guidance_scale != 1.0
 
     def apply(params: Any, z: Array, sigma: Array, label: Array) -> Array:
         z = jnp.asarray(z, jnp.float32)
         b = z.shape[0]
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
-        context = params["cond"][jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))]
+        context = condition_table(params, jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,)))
         t = sigma_to_timestep(sigmas, sigma)
         x = z * vp_coefficients(sigma)[0][:, None, None, None]
-        if guided:
-            uncond = jnp.broadcast_to(params["uncond"], context.shape)
-            x2, t2, sigma2 = jnp.tile(x, (2, 1, 1, 1)), jnp.tile(t, 2), jnp.tile(sigma, 2)
-            context = jnp.concatenate([uncond, context])
-        else:
-            x2, t2, sigma2 = x, t, sigma
         with attention_context(kernel):
             out = unet.apply(
                 {"params": params["unet"]},
-                jnp.transpose(x2, (0, 3, 1, 2)).astype(dtype),
-                t2,
+                jnp.transpose(x, (0, 3, 1, 2)).astype(dtype),
+                t,
                 context.astype(dtype),
             ).sample
         out = jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
-        eps = model_output_to_eps(out, x2, sigma2, prediction_type)
-        if guided:
-            eps = classifier_free_guidance(eps[:b], eps[b:], guidance_scale)
+        eps = model_output_to_eps(out, x, sigma, prediction_type)
         return eps_to_denoised(z, sigma, eps)
 
     return apply
@@ -422,7 +429,6 @@ def load_stable_diffusion(
     prompt: str,
     revision: str | None = None,
     dtype: str = "float32",
-    guidance_scale: float = 100.0,
     view_augmentation: bool = True,
     negative_prompt: str = "",
     attention: str = "auto",
@@ -446,7 +452,7 @@ def load_stable_diffusion(
     }
     config = components.unet.config
     return Denoiser(
-        apply=make_apply(components, guidance_scale=guidance_scale, attention=attention),
+        apply=make_apply(components, attention=attention),
         params=params,
         sigmas=components.sigmas,
         channels=int(config.out_channels),

@@ -36,14 +36,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjc_jax import scenes
-from sjc_jax.camera import NUM_VIEW_LABELS, Camera, sample_training_cameras
+from sjc_jax import grid_io
+from sjc_jax.camera import NUM_VIEW_LABELS, Camera
+from sjc_jax.config import FIELD_SECTIONS, SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
-from sjc_jax.diffusion.empirical import make_empirical_denoiser
 from sjc_jax.diffusion.schedule import ddpm_sigmas
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
 from sjc_jax.render import RenderConfig
-from sjc_jax.sjc import SJCConfig, TrainState, init_state, make_step
+from sjc_jax.samplers import sjc_cameras
+from sjc_jax.sjc import TrainState, init_state, make_step
+from sjc_jax.testbed import scenes
+from sjc_jax.testbed.empirical import make_empirical_denoiser
 
 Array = jax.Array
 
@@ -65,6 +68,7 @@ _PRESET = dict(
     fov_max_deg=55.0,
     t_min=10,
     t_max=100,
+    guidance_scale=1.0,
     lr=0.2,
     background_lr=0.0,
     emptiness_weight=300.0,
@@ -98,6 +102,9 @@ def testbed_config(**overrides) -> SJCConfig:
       above ~1 is huge against [0, 1] RGB (the posterior mean becomes a blurred mean of the
       subset); SJC's t_max=969: 31.8 / 0.98. 1000 steps at 10..100: duck 33.6, house 33.8,
       robot 36.5, mug 34.6 dB, IoU >= 0.985.
+    * ``guidance_scale=1``: the empirical denoiser of a label is already the conditional
+      posterior mean; estimators then ask for the conditional prediction alone (guidance with
+      the whole set as the unconditional model is an estimator choice, e.g. ``csd``).
     * ``views_per_step=4``, ``lr=0.2``, ``steps=600``: at equal cost 4 views x 600 steps gave
       34.8 / 0.99, 2 x 1200 34.0, 1 x 2400 32.8; lr 0.05 (SJC): 32.3. Every scene is above
       30 dB by step 300-500, so 600 steps leave margin in the 3-minute budget.
@@ -113,10 +120,10 @@ def testbed_config(**overrides) -> SJCConfig:
     * ``num_previews=20``, ``checkpoint_every=600``, ``video_frames=60``: artifacts are seconds
       of a 3-minute budget.
     """
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SJCConfig)})
+    unknown = sorted(set(overrides) - set(FIELD_SECTIONS))
     if unknown:
         raise ValueError(f"overrides has unknown SJCConfig fields {unknown}")
-    return SJCConfig(**{**_PRESET, **overrides})
+    return SJCConfig.flat(**{**_PRESET, **overrides})
 
 
 def load_scene(spec: str | None) -> tuple[VoxelGrid, np.ndarray, str]:
@@ -145,7 +152,7 @@ def load_scene(spec: str | None) -> tuple[VoxelGrid, np.ndarray, str]:
         )
     if not os.path.isfile(spec):
         raise ValueError(f"scene file {spec} does not exist")
-    grid, aabb, space = scenes.load_grid_file(spec)
+    grid, aabb, space = grid_io.load_grid_file(spec)
     if space != "rgb":
         raise ValueError(
             f"scene file {spec} has feature_space {space!r}; the testbed needs 'rgb' (C = 3)"
@@ -159,7 +166,9 @@ class Testbed:
 
     denoiser: Denoiser  # the empirical denoiser of the labelled renders
     ground_truth: VoxelGrid  # the scene, over the world's background
-    images: np.ndarray  # [M, H, W, 3] the labelled image set (host), M = config.testbed_views
+    images: (
+        np.ndarray
+    )  # [M, H, W, 3] the labelled image set (host), M = config.testbed.testbed_views
     labels: np.ndarray  # [M] int32 their view labels as drawn (`make_denoiser` applies the rule)
     aabb: np.ndarray  # [2, 3] box the ground truth covers
     # [Hb, Wb, 3] the world's known background texture (the lift's), a host array: the runner's
@@ -177,7 +186,7 @@ def _scene_render_config(config: SJCConfig, aabb) -> RenderConfig:
 
 
 def _render_size(config: SJCConfig) -> int:
-    return config.image_size or 64
+    return config.render.image_size or 64
 
 
 def make_denoiser(images, labels, config: SJCConfig) -> Denoiser:
@@ -186,10 +195,10 @@ def make_denoiser(images, labels, config: SJCConfig) -> Denoiser:
     Args:
       images: ``[M, H, W, 3]`` RGB renders.
       labels: ``[M]`` their view labels; all taken as label 0 (one set) when
-        ``config.view_augmentation`` is off, since the step then asks every view for label 0.
+        ``config.camera.view_augmentation`` is off, since the step then asks every view for label 0.
     """
     labels = np.asarray(labels, np.int32)
-    if not config.view_augmentation:
+    if not config.camera.view_augmentation:
         labels = np.zeros_like(labels)
     return make_empirical_denoiser(
         images,
@@ -252,17 +261,23 @@ def build_testbed(
     ground_truth = ground_truth.replace(background=jnp.asarray(background))
     render_config = _scene_render_config(config, aabb)
     size = _render_size(config)
-    cameras, labels = sample_training_cameras(
-        key, config.testbed_views, **config.camera_distribution(), height=size, width=size
+    c = config.camera
+    draw = sjc_cameras(
+        image_size=size,
+        radius=c.radius,
+        max_v_deg=c.max_v_deg,
+        fov_range_deg=(c.fov_min_deg, c.fov_max_deg),
+        overhead_deg=c.overhead_deg,
     )
+    cameras, labels = draw(key, config.testbed.testbed_views)
     images, _, _ = scenes.render_views(ground_truth, cameras, render_config, chunk_size=64)
     images, labels = np.asarray(images), np.asarray(labels)
     denoiser = make_denoiser(images, labels, config)
     eval_cameras, eval_labels = scenes.heldout_cameras(
         image_size=size,
-        radius=config.radius,
-        num_azimuths=config.testbed_eval_views,
-        overhead_deg=config.overhead_deg,
+        radius=config.camera.radius,
+        num_azimuths=config.testbed.testbed_eval_views,
+        overhead_deg=config.camera.overhead_deg,
     )
     eval_images, _, eval_opacity = scenes.render_views(
         ground_truth, eval_cameras, render_config, chunk_size=64
@@ -285,13 +300,13 @@ def initial_grid(config: SJCConfig, testbed: Testbed, channels: int = 3) -> Voxe
     """The lift's starting grid: ``init_state(config, channels, background=testbed.background)``.
 
     The runner builds its state that way itself; this returns the same grid (seeded from
-    ``config.seed``: random features, density 0, the world's background texture).
+    ``config.run.seed``: random features, density 0, the world's background texture).
     """
     return init_state(config, channels, background=testbed.background).grid
 
 
 def lift(config: SJCConfig, testbed: Testbed, *, step=None) -> TrainState:
-    """``config.steps`` SJC steps from `initial_grid` (the runner's loop without artifacts).
+    """``config.run.steps`` SJC steps from `initial_grid` (the runner's loop without artifacts).
 
     For tests and experiments: the same `init_state` and `make_step` as a run. ``step`` reuses a
     compiled ``make_step(config, denoiser)`` of another testbed with the same shapes (the seed
@@ -300,7 +315,7 @@ def lift(config: SJCConfig, testbed: Testbed, *, step=None) -> TrainState:
     """
     state = init_state(config, testbed.denoiser.channels, background=testbed.background)
     step = make_step(config, testbed.denoiser) if step is None else step
-    for _ in range(config.steps):
+    for _ in range(config.run.steps):
         state, _ = step(state, testbed.denoiser.params)
     return state
 

@@ -11,8 +11,9 @@ label}`` (the view label of view-augmented prompting), so the SJC step runs unch
 Label rules (decided here, relied on by the testbed):
 
 * a label in ``[0, num_labels)`` whose subset is empty falls back to the whole set;
-* a label outside ``[0, num_labels)`` (e.g. ``-1``) means "unconditional": the whole set. This is
-  how an ablation without view-augmented labels asks for the unconditional denoiser.
+* a label outside ``[0, num_labels)`` (`UNCONDITIONAL` = -1, `NEGATIVE` = -2 of
+  `sjc_jax.diffusion.denoiser`) means "unconditional": the whole set. A finite image set has
+  no negative condition, so the negative prediction is the unconditional one.
 
 Numerics: ``|z|^2`` is the same for every ``i`` and cancels in the softmax, so a logit is
 ``(z.y_i - |y_i|^2 / 2) / sigma^2``, and a chunk of the set costs one matmul. Images and ``z`` are
@@ -30,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sjc_jax.diffusion.denoiser import DecodeFn, Denoiser
+from sjc_jax.grid_io import FEATURE_CHANNELS
 
 Array = jax.Array
 
-_FEATURE_CHANNELS = {"rgb": 3, "sd-latent": 4}
 # 1 / sigma^2 is capped here (sigma >= 1e-15) so logits stay finite in float32 for any input of
 # sane magnitude; at that level the softmax is already one-hot for any two distinct images.
 _MAX_INV_VARIANCE = 1e30
@@ -141,12 +142,12 @@ def make_empirical_denoiser(
         raise ValueError(f"images must be square (H = W), got {height}x{width}")
     if not np.all(np.isfinite(images)):
         raise ValueError("images must be finite")
-    if feature_space not in _FEATURE_CHANNELS:
+    if feature_space not in FEATURE_CHANNELS:
         raise ValueError(f"feature_space must be 'rgb' or 'sd-latent', got {feature_space!r}")
-    if channels != _FEATURE_CHANNELS[feature_space]:
+    if channels != FEATURE_CHANNELS[feature_space]:
         raise ValueError(
             f"images have C = {channels}, feature_space {feature_space!r} needs "
-            f"C = {_FEATURE_CHANNELS[feature_space]}"
+            f"C = {FEATURE_CHANNELS[feature_space]}"
         )
     if num_labels < 1:
         raise ValueError(f"num_labels must be positive, got {num_labels}")

@@ -1,4 +1,4 @@
-"""Procedural ground-truth scenes, grid files, and the labelled multi-view dataset of the testbed.
+"""Procedural ground-truth scenes and the labelled multi-view dataset of the testbed.
 
 Conventions of this module:
 
@@ -27,9 +27,6 @@ Conventions of this module:
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zipfile
 from collections.abc import Callable
 
 import jax
@@ -38,14 +35,13 @@ import numpy as np
 
 from sjc_jax.camera import (
     Camera,
-    generate_rays,
     make_camera,
     sample_training_cameras,
     sjc_eye,
     view_label,
 )
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
-from sjc_jax.render import RenderConfig, render_rays
+from sjc_jax.render import RenderConfig, render_cameras
 
 Array = jax.Array
 
@@ -54,9 +50,6 @@ BACKGROUND_RESOLUTION = 128  # side of the (constant) background texture of a sc
 RAW_OUTSIDE = -10.0  # raw density of empty space
 OPTICAL_DEPTH_PER_VOXEL = 2.0  # sigma * voxel_size inside an object
 RAMP_VOXELS = 3.0  # width of the raw-density ramp across a surface, in voxels
-FEATURE_SPACES = ("rgb", "sd-latent")
-GRID_FILE_KEYS = ("density", "features", "background", "density_scale", "aabb", "feature_space")
-_FEATURE_CHANNELS = {"rgb": 3, "sd-latent": 4}
 
 # A part: (signed distance [...], colour [..., 3] or [3]) evaluated at points [..., 3].
 Part = tuple[np.ndarray, np.ndarray]
@@ -256,132 +249,12 @@ def make_scene(name: str, *, resolution: int = 64) -> VoxelGrid:
     return scene_from_parts(SCENES[name](points), voxel)
 
 
-# --- grid files (DESIGN.md contract 4) ---------------------------------------------------------
-
-
-def _check_grid_arrays(arrays: dict, source: str) -> tuple[VoxelGrid, np.ndarray, str]:
-    """Validate grid-file arrays; returns (float32 grid, float64 aabb [2, 3], feature_space)."""
-
-    def fail(problem: str):
-        raise ValueError(f"{source}: {problem}")
-
-    missing = [k for k in GRID_FILE_KEYS if k not in arrays]
-    extra = sorted(set(arrays) - set(GRID_FILE_KEYS))
-    if missing or extra:
-        fail(f"expected keys {list(GRID_FILE_KEYS)}; missing {missing}, unexpected {extra}")
-    space = arrays["feature_space"]
-    if space.shape != () or space.dtype.kind not in "US":
-        fail(f"feature_space must be a string scalar, got {space.dtype} {space.shape}")
-    space = str(space[()].decode() if space.dtype.kind == "S" else space[()])
-    if space not in FEATURE_SPACES:
-        fail(f"feature_space must be one of {list(FEATURE_SPACES)}, got {space!r}")
-    numeric = {k: arrays[k] for k in GRID_FILE_KEYS if k != "feature_space"}
-    for key, value in numeric.items():
-        if value.dtype.kind != "f":
-            fail(f"{key} must be floating point, got {value.dtype}")
-        if not np.all(np.isfinite(value)):
-            fail(f"{key} has non-finite values")
-    density, features, background = numeric["density"], numeric["features"], numeric["background"]
-    if density.ndim != 3 or min(density.shape) < 1:
-        fail(f"density must be [X, Y, Z], got shape {density.shape}")
-    channels = _FEATURE_CHANNELS[space]
-    if features.shape != density.shape + (channels,):
-        fail(
-            f"features must be {list(density.shape) + [channels]} for {space!r}, got shape "
-            f"{features.shape}"
-        )
-    if background.ndim != 3 or background.shape[-1] != channels or min(background.shape) < 1:
-        fail(f"background must be [Hb, Wb, {channels}], got shape {background.shape}")
-    if numeric["density_scale"].shape != ():
-        fail(f"density_scale must be a scalar, got shape {numeric['density_scale'].shape}")
-    aabb = np.asarray(numeric["aabb"], np.float64)
-    if aabb.shape != (2, 3) or np.any(aabb[1] <= aabb[0]):
-        fail(f"aabb must be [2, 3] with hi > lo, got {aabb.tolist()}")
-    grid = VoxelGrid(
-        density=jnp.asarray(density, jnp.float32),
-        features=jnp.asarray(features, jnp.float32),
-        background=jnp.asarray(background, jnp.float32),
-        density_scale=jnp.asarray(numeric["density_scale"], jnp.float32),
-    )
-    return grid, aabb, space
-
-
-def save_grid_file(path, grid: VoxelGrid, *, aabb=DEFAULT_AABB, feature_space: str) -> None:
-    """Write a grid file (``.npz``, DESIGN.md contract 4) atomically.
-
-    The arrays are validated as `load_grid_file` would, written as float32 (aabb float64) to a
-    temporary file in the same directory, then moved over ``path`` with ``os.replace``: a reader
-    sees the old file or the new one, never a partial one, and a failure leaves nothing behind.
-
-    Args:
-      path: destination (written as given; no ``.npz`` is appended).
-      grid: the scene; density ``[X, Y, Z]``, features ``[X, Y, Z, C]``, background ``[Hb, Wb, C]``.
-      aabb: ``((xlo, ylo, zlo), (xhi, yhi, zhi))`` box the grid covers.
-      feature_space: ``"rgb"`` (C = 3) or ``"sd-latent"`` (C = 4).
-    """
-    path = os.fspath(path)
-    arrays = {
-        "density": np.asarray(grid.density, np.float32),
-        "features": np.asarray(grid.features, np.float32),
-        "background": np.asarray(grid.background, np.float32),
-        "density_scale": np.asarray(grid.density_scale, np.float32),
-        "aabb": np.asarray(aabb, np.float64),
-        "feature_space": np.asarray(str(feature_space)),
-    }
-    _check_grid_arrays(arrays, f"grid to save to {path}")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_grid_file(path) -> tuple[VoxelGrid, np.ndarray, str]:
-    """Read and validate a grid file.
-
-    Returns:
-      ``(grid, aabb, feature_space)``: a float32 `VoxelGrid`, the box ``[2, 3]`` (float64) and
-      ``"rgb"`` or ``"sd-latent"``.
-
-    Raises:
-      FileNotFoundError: no file at ``path``.
-      ValueError: naming the file and the problem (not an npz, missing or unexpected keys, bad
-        shapes, dtypes, non-finite values, unknown feature space).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"grid file {path} does not exist")
-    try:
-        data = np.load(path, allow_pickle=False)
-        if isinstance(data, np.lib.npyio.NpzFile):
-            with data:
-                arrays = {key: data[key] for key in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"grid file {path}: cannot be read as .npz ({e})") from e
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"grid file {path}: not an .npz archive (a single .npy array)")
-    return _check_grid_arrays(arrays, f"grid file {path}")
-
-
 # --- the labelled multi-view dataset and held-out cameras -----------------------------------------
 
 
 def _render_batch_impl(grid: VoxelGrid, cameras: Camera, config: RenderConfig):
-    # The rays of all cameras go through ONE `render_rays` call rather than a vmap of
-    # `render_view`: under vmap the renderer's `lax.switch` over packed-lookup tiers has a batched
-    # index and turns into a select that runs every branch (4x the work, ~5x the time).
-    origins, directions = jax.vmap(generate_rays)(cameras)  # [N, H * W, 3]
-    num, height, width = origins.shape[0], cameras.height, cameras.width
-    out = render_rays(grid, origins.reshape(-1, 3), directions.reshape(-1, 3), config=config)
-    shape = (num, height, width)
-    return out.features.reshape(*shape, -1), out.depth.reshape(shape), out.opacity.reshape(shape)
+    views = render_cameras(grid, cameras, config)
+    return views.images, views.depth, views.opacity
 
 
 # One compiled program per (shapes, config); the grid is an argument, never a constant.

@@ -1,0 +1,104 @@
+"""Model kinds: what ``--model`` names, chosen by a small registry.
+
+A kind says which ``--model`` values it serves, how to build its `Model` from a config, and
+optionally its preset (the config a run starts from when the user gives only flags). Built in:
+``testbed`` (the ground-truth testbed, ``--model testbed``) and ``stable-diffusion`` (any other
+value: a hub id or a local diffusers directory). `register` adds a kind in front of them, e.g.
+a learned model recognised by a marker file in its directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sjc_jax.config import SJCConfig
+from sjc_jax.diffusion.denoiser import Denoiser
+from sjc_jax.grid import VoxelGrid
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """What a run needs from its model kind."""
+
+    denoiser: Denoiser
+    # [Hb, Wb, C] a known background the lift starts from (a host array: the run's state is
+    # donated to the step, so a device array shared with it would be deleted); None = random.
+    background: np.ndarray | None = None
+    # grid -> a JSON-serialisable evaluation (final/eval.json); None = no evaluation.
+    evaluate: Callable[[VoxelGrid], dict[str, Any]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """A kind of model: which ``--model`` values it serves and how to build it."""
+
+    name: str
+    matches: Callable[[str], bool]
+    build: Callable[[SJCConfig], Model]
+    # flat overrides -> the kind's preset config (None: the original's defaults)
+    preset: Callable[..., SJCConfig] | None = None
+
+
+def _build_testbed(config: SJCConfig) -> Model:
+    import jax
+
+    from sjc_jax import testbed
+
+    ground_truth, aabb, _ = testbed.load_scene(config.testbed.scene)
+    bed = testbed.build_testbed(
+        config, ground_truth, key=jax.random.key(config.run.seed), aabb=aabb
+    )
+    return Model(
+        denoiser=bed.denoiser,
+        background=bed.background,
+        evaluate=lambda grid: testbed.evaluate(grid, bed, config),
+    )
+
+
+def _testbed_preset(**overrides) -> SJCConfig:
+    from sjc_jax.testbed import testbed_config
+
+    return testbed_config(**overrides)
+
+
+def _build_stable_diffusion(config: SJCConfig) -> Model:
+    from sjc_jax.diffusion.stable_diffusion import load_stable_diffusion
+
+    m = config.model
+    denoiser = load_stable_diffusion(
+        m.model,
+        prompt=m.prompt,
+        revision=m.revision,
+        dtype=m.dtype,
+        view_augmentation=config.camera.view_augmentation,
+        negative_prompt=m.negative_prompt,
+        attention=m.attention,
+    )
+    return Model(denoiser=denoiser)
+
+
+_KINDS: list[ModelKind] = [
+    ModelKind("testbed", lambda model: model == "testbed", _build_testbed, _testbed_preset),
+    ModelKind("stable-diffusion", lambda model: True, _build_stable_diffusion),
+]
+
+
+def register(kind: ModelKind) -> None:
+    """Add ``kind`` in front of the registered kinds (it is asked first)."""
+    if any(k.name == kind.name for k in _KINDS):
+        raise ValueError(f"a model kind named {kind.name!r} is registered already")
+    _KINDS.insert(0, kind)
+
+
+def kind_of(model: str) -> ModelKind:
+    """The first registered kind that serves ``model``."""
+    return next(kind for kind in _KINDS if kind.matches(model))
+
+
+def build_model(config: SJCConfig) -> Model:
+    """The `Model` of ``config.model.model`` through its kind."""
+    return kind_of(config.model.model).build(config)
