@@ -55,17 +55,21 @@ def variant_config(name: str, scene: str, seed: int, steps: int | None):
     return testbed.testbed_config(scene=scene, seed=seed, **VARIANTS[name], **extra)
 
 
-def run_variant(name: str, bases: dict, steps: int | None) -> list[dict]:
-    """Every (scene, seed) lift of one variant; one compiled step serves them all."""
+def run_variant(name: str, bases: dict, steps: int | None, configure=None, **choices) -> list[dict]:
+    """Every (scene, seed) lift of one variant; one compiled step serves them all.
+
+    ``configure(name, scene, seed, steps)`` makes a lift's config (default `variant_config`);
+    ``choices`` (e.g. ``estimator=``) go to `sjc.make_step` as values.
+    """
     results, step = [], None
     for (scene, seed), base in bases.items():
-        config = variant_config(name, scene, seed, steps)
+        config = (configure or variant_config)(name, scene, seed, steps)
         tb = dataclasses.replace(
             base, denoiser=testbed.make_denoiser(base.images, base.labels, config)
         )
         start = time.perf_counter()
         if step is None:
-            step = sjc.make_step(config, tb.denoiser)
+            step = sjc.make_step(config, tb.denoiser, **choices)
         state = testbed.lift(config, tb, step=step)
         jax.block_until_ready(state)
         seconds = time.perf_counter() - start
@@ -77,6 +81,7 @@ def run_variant(name: str, bases: dict, steps: int | None) -> list[dict]:
                 "psnr": result["psnr"],
                 "iou": result["iou"],
                 "seconds": seconds,
+                "steps": config.run.steps,
             }
         )
         print(
@@ -93,11 +98,16 @@ def _mean_std(values, digits: int = 2) -> str:
     return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
-def table(results: dict[str, list[dict]], scenes: list[str], seeds: list[int]) -> str:
-    """Markdown: one row per variant; mean ± std over scenes x seeds, and per-scene PSNR."""
-    head = "| variant | PSNR (dB) | IoU | min PSNR | min IoU | s / lift | "
+def table(
+    results: dict[str, list[dict]], scenes: list[str], seeds: list[int], label: str = "variant"
+) -> str:
+    """Markdown: one row per variant; mean ± std over scenes x seeds, and per-scene PSNR.
+
+    "s / lift" and "steps / s" are medians over the lifts (the first lift of a variant also
+    compiles its step)."""
+    head = f"| {label} | PSNR (dB) | IoU | min PSNR | min IoU | s / lift | steps / s | "
     head += " | ".join(f"{s} PSNR / IoU" for s in scenes) + " |"
-    rule = "|" + " --- |" * (6 + len(scenes))
+    rule = "|" + " --- |" * (7 + len(scenes))
     lines = [head, rule]
     for name, runs in results.items():
         psnr = [r["psnr"] for r in runs]
@@ -109,11 +119,34 @@ def table(results: dict[str, list[dict]], scenes: list[str], seeds: list[int]) -
             per_scene.append(f"{psnr_s:.1f} / {iou_s:.3f}")
         lines.append(
             f"| {name} | {_mean_std(psnr)} | {_mean_std(iou, 3)} | {min(psnr):.2f} "
-            f"| {min(iou):.3f} | {np.mean([r['seconds'] for r in runs]):.0f} | "
+            f"| {min(iou):.3f} | {np.median([r['seconds'] for r in runs]):.0f} | "
+            f"{np.median([r['steps'] / r['seconds'] for r in runs]):.1f} | "
             + " | ".join(per_scene)
             + " |"
         )
     return "\n".join(lines)
+
+
+def build_bases(scenes, seeds, steps, kinds=("world",)) -> tuple[dict, list[float]]:
+    """One image set per (scene, seed) and background kind ("world" or "scene"), shared by the
+    variants; returns ``({kind: {(scene, seed): Testbed}}, build seconds)``."""
+    bases: dict[str, dict] = {kind: {} for kind in kinds}
+    build_seconds = []
+    for scene in scenes:
+        ground_truth, aabb, _ = testbed.load_scene(scene)
+        for seed in seeds:
+            config = variant_config("full (preset)", scene, seed, steps)
+            for kind in sorted(kinds):
+                start = time.perf_counter()
+                bases[kind][scene, seed] = testbed.build_testbed(
+                    config,
+                    ground_truth,
+                    key=jax.random.key(seed),
+                    aabb=aabb,
+                    background=ground_truth.background if kind == "scene" else None,
+                )
+                build_seconds.append(time.perf_counter() - start)
+    return bases, build_seconds
 
 
 def main(argv=None) -> None:
@@ -126,24 +159,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     args = parser.parse_args(argv)
 
-    # One image set per (scene, seed) and background, shared by the variants.
     kinds = {"scene" if name in SCENE_BACKGROUND else "world" for name in args.variants}
-    bases: dict[str, dict] = {kind: {} for kind in kinds}
-    build_seconds = []
-    for scene in args.scenes:
-        ground_truth, aabb, _ = testbed.load_scene(scene)
-        for seed in args.seeds:
-            config = variant_config("full (preset)", scene, seed, args.steps)
-            for kind in sorted(kinds):
-                start = time.perf_counter()
-                bases[kind][scene, seed] = testbed.build_testbed(
-                    config,
-                    ground_truth,
-                    key=jax.random.key(seed),
-                    aabb=aabb,
-                    background=ground_truth.background if kind == "scene" else None,
-                )
-                build_seconds.append(time.perf_counter() - start)
+    bases, build_seconds = build_bases(args.scenes, args.seeds, args.steps, kinds)
     results = {
         name: run_variant(name, bases["scene" if name in SCENE_BACKGROUND else "world"], args.steps)
         for name in args.variants

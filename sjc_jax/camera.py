@@ -146,7 +146,7 @@ def sample_training_cameras(
     height: int = 64,
     width: int = 64,
 ) -> tuple[Camera, Array]:
-    """Draw ``num`` cameras from SJC's training distribution (SJC_REFERENCE.md section 2).
+    """Draw ``num`` cameras from SJC's training distribution (docs/original.md section 2).
 
     Azimuth ``h ~ U[0, 360)`` deg, ``v ~ U[0, max_v_deg)`` deg (clipped to [0.01, pi - 0.01] rad),
     polar angle ``arccos(1 - 2 v / pi)`` from +y (area-uniform), ``fov_x ~ U[fov_range_deg)``, all

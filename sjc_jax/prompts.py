@@ -1,4 +1,4 @@
-"""View-augmented prompts (SJC_REFERENCE.md section 2).
+"""View-augmented prompts (docs/original.md section 2).
 
 SJC conditions each rendered view on its direction: ``f"{prefix} {prompt}"`` with the prefix of
 the camera's view label. Labels are ints 0..3 = front, side, back, overhead (the order of

@@ -1,6 +1,6 @@
 """The renderer against an independent float64 numpy transcription of the original (torch) one.
 
-The reference below follows SJC_REFERENCE.md section 1 literally: torch layout ``[C, Z, Y, X]``,
+The reference below follows docs/original.md section 1 literally: torch layout ``[C, Z, Y, X]``,
 ``grid_sample`` semantics (normalised coordinates, ``align_corners=False``, zero padding), a
 per-view sample count k, ``T = cumprod(1 - alpha)``, the ``w > 1e-4`` feature mask, the spherical
 background map and the background depth of 10.

@@ -11,7 +11,7 @@ Conventions of this module:
 * Images are channels-last ``[B, H, W, 4]`` SD latents in model space (already multiplied by the
   VAE's scaling factor, 0.18215 for SD); NCHW exists only inside the UNet call.
 * ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with t the nearest timestep of the
-  model's noise table (SJC_REFERENCE.md section 3); v-prediction is converted to eps first.
+  model's noise table (docs/original.md section 3); v-prediction is converted to eps first.
 * ``params`` of the denoiser: ``{"unet": UNet params, "cond": [4, L, D] view-label embeddings,
   "uncond": [L, D] embedding of the empty prompt, "negative": [L, D] of the negative prompt}``
   (L = 77 tokens for SD); the condition labels of `sjc_jax.diffusion.denoiser` index them.

@@ -131,7 +131,7 @@ def load_scene(spec: str | None) -> tuple[VoxelGrid, np.ndarray, str]:
 
     Args:
       spec: None (``DEFAULT_SCENES[0]``), a built-in name (`scenes.list_scenes`), or a path to a
-        grid file ending in ``.npz`` (DESIGN.md contract 4) with ``feature_space = "rgb"``.
+        grid file ending in ``.npz`` (the format of `sjc_jax.grid_io`, docs/conventions.md) with ``feature_space = "rgb"``.
 
     Returns:
       ``(grid, aabb [2, 3] float64, feature_space)``; a built-in scene is `SCENE_RESOLUTION`^3
