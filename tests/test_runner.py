@@ -150,3 +150,24 @@ def test_unwritable_output(tmp_path):
     blocker.write_text("x")
     with pytest.raises(runner.RunError, match="cannot write to output directory"):
         runner.prepare_output(blocker / "run")
+
+
+def test_custom_estimator_script_runs_through_the_run_loop(tmp_path):
+    """experiments/custom_estimator.py's estimator, passed as a value to runner.run."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from custom_estimator import sds_sqrt_weight
+
+    from sjc_jax import testbed
+
+    config = testbed.testbed_config(
+        steps=4, grid_resolution=8, image_size=8, testbed_views=8, testbed_eval_views=2,
+        video_frames=2, num_previews=1, views_per_step=2, checkpoint_every=2, log_every=2,
+    )  # fmt: skip
+    out = tmp_path / "custom"
+    summary = runner.run(config, out, estimator=sds_sqrt_weight, progress=False, stop_after=2)
+    assert summary["steps"] == 2
+    summary = runner.run(None, out, resume=True, estimator=sds_sqrt_weight, progress=False)
+    assert np.isfinite(summary["eval"]["psnr"])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all(0 < x["weight"] < 1 for x in lines)
