@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from testbed_ablations import build_bases, run_variant, table  # noqa: E402
+from testbed_ablations import build_bases, run_variant, table, write_report  # noqa: E402
 
 from sjc_jax import testbed  # noqa: E402
 
@@ -75,10 +75,7 @@ def main(argv=None) -> None:
         + table(results, args.scenes, args.seeds, label="estimator")
         + "\n"
     )
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,14 @@ def table(
     return "\n".join(lines)
 
 
+def write_report(text: str, path: str) -> None:
+    """Print ``text`` and write it to ``path`` (its directory created)."""
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def build_bases(scenes, seeds, steps, kinds=("world",)) -> tuple[dict, list[float]]:
     """One image set per (scene, seed) and background kind ("world" or "scene"), shared by the
     variants; returns ``({kind: {(scene, seed): Testbed}}, build seconds)``."""
@@ -174,10 +182,7 @@ def main(argv=None) -> None:
         + table(results, args.scenes, args.seeds)
         + "\n"
     )
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    write_report(text, args.out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

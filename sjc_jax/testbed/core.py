@@ -43,7 +43,6 @@ from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.diffusion.schedule import ddpm_sigmas
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
 from sjc_jax.render import RenderConfig
-from sjc_jax.samplers import sjc_cameras
 from sjc_jax.sjc import TrainState, init_state, make_step
 from sjc_jax.testbed import scenes
 from sjc_jax.testbed.empirical import make_empirical_denoiser
@@ -131,7 +130,8 @@ def load_scene(spec: str | None) -> tuple[VoxelGrid, np.ndarray, str]:
 
     Args:
       spec: None (``DEFAULT_SCENES[0]``), a built-in name (`scenes.list_scenes`), or a path to a
-        grid file ending in ``.npz`` (the format of `sjc_jax.grid_io`, docs/conventions.md) with ``feature_space = "rgb"``.
+        grid file ending in ``.npz`` (the format of `sjc_jax.grid_io`) with ``feature_space =
+        "rgb"``.
 
     Returns:
       ``(grid, aabb [2, 3] float64, feature_space)``; a built-in scene is `SCENE_RESOLUTION`^3
@@ -262,15 +262,18 @@ def build_testbed(
     render_config = _scene_render_config(config, aabb)
     size = _render_size(config)
     c = config.camera
-    draw = sjc_cameras(
+    images, labels, _ = scenes.render_dataset(
+        key,
+        ground_truth,
+        num_views=config.testbed.testbed_views,
         image_size=size,
+        render_config=render_config,
         radius=c.radius,
         max_v_deg=c.max_v_deg,
         fov_range_deg=(c.fov_min_deg, c.fov_max_deg),
         overhead_deg=c.overhead_deg,
+        chunk_size=64,
     )
-    cameras, labels = draw(key, config.testbed.testbed_views)
-    images, _, _ = scenes.render_views(ground_truth, cameras, render_config, chunk_size=64)
     images, labels = np.asarray(images), np.asarray(labels)
     denoiser = make_denoiser(images, labels, config)
     eval_cameras, eval_labels = scenes.heldout_cameras(
