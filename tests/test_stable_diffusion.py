@@ -22,7 +22,8 @@ def eps_components(tiny_sd_eps):
 
 def _inputs(b=2, size=8, seed=0):
     z = jax.random.normal(jax.random.key(seed), (b, size, size, 4))
-    return z, jnp.array([0.5, 3.0][:b]), jnp.array([0, 3][:b], jnp.int32)
+    sigma = schedule.snap_sigma(schedule.ddpm_sigmas(), jnp.array([0.5, 3.0][:b]))  # table levels
+    return z, sigma, jnp.array([0, 3][:b], jnp.int32)
 
 
 def test_load_eps_pipeline_and_denoise(tiny_sd_eps):

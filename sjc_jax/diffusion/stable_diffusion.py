@@ -10,8 +10,9 @@ Conventions of this module:
 
 * Images are channels-last ``[B, H, W, 4]`` SD latents in model space (already multiplied by the
   VAE's scaling factor, 0.18215 for SD); NCHW exists only inside the UNet call.
-* ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with t the nearest timestep of the
-  model's noise table (SJC_REFERENCE.md section 3); v-prediction is converted to eps first.
+* ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with sigma first snapped to the
+  nearest level of the model's noise table and t its timestep, as the original's
+  ``adapt_sd.py``; v-prediction is converted to eps first (at the snapped level).
 * ``params`` of the denoiser: ``{"unet": UNet params, "cond": [4, L, D] view-label embeddings,
   "uncond": [L, D] embedding of the negative prompt}`` (L = 77 tokens for SD).
 * Errors of loading are `ModelLoadError` (a `ValueError`), one line each.
@@ -42,7 +43,12 @@ from sjc_jax.diffusion.denoiser import (
     model_output_to_eps,
     vp_coefficients,
 )
-from sjc_jax.diffusion.schedule import sigma_to_timestep, sigmas_from_scheduler_config
+from sjc_jax.diffusion.numerics import check_gelu, original_numerics
+from sjc_jax.diffusion.schedule import (
+    sigma_to_timestep,
+    sigmas_from_scheduler_config,
+    snap_sigma,
+)
 from sjc_jax.diffusion.weights import (
     ModelLoadError,
     diffusers_rename,
@@ -419,16 +425,25 @@ def view_conditioning(
 
 
 def make_apply(
-    components: SDComponents, *, guidance_scale: float = 100.0, attention: str = "auto"
+    components: SDComponents,
+    *,
+    guidance_scale: float = 100.0,
+    attention: str = "auto",
+    gelu: str = "exact",
 ) -> ApplyFn:
     """The jittable VE denoiser ``(params, z [B, H, W, 4], sigma [B], label [B]) -> D`` float32.
 
     ``params = {"unet", "cond", "uncond"}`` (module docstring). With CFG (``guidance_scale !=
     1``) the UNet runs once at batch 2B, the unconditional half first. ``attention`` picks the
     UNet's attention kernel (`sjc_jax.diffusion.attention`; the same function either way).
+    Sigma is snapped to the nearest table level, which is then used throughout (the input
+    scaling, the v -> eps conversion and ``D = z - sigma eps``), and the UNet computes with the
+    original's numerics (`sjc_jax.diffusion.numerics`; ``gelu="tanh"`` is diffusers' Flax GELU).
+    Any latent size the UNet's levels divide is accepted, not only its native one.
     """
     unet, dtype, prediction_type = components.unet, components.dtype, components.prediction_type
     kernel = resolve_attention(attention, dtype)
+    check_gelu(gelu)
     sigmas = np.asarray(components.sigmas)
     guided = guidance_scale != 1.0
 
@@ -436,6 +451,7 @@ def make_apply(
         z = jnp.asarray(z, jnp.float32)
         b = z.shape[0]
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
+        sigma = snap_sigma(sigmas, sigma).astype(jnp.float32)
         context = params["cond"][jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,))]
         t = sigma_to_timestep(sigmas, sigma)
         x = z * vp_coefficients(sigma)[0][:, None, None, None]
@@ -445,7 +461,7 @@ def make_apply(
             context = jnp.concatenate([uncond, context])
         else:
             x2, t2, sigma2 = x, t, sigma
-        with attention_context(kernel):
+        with attention_context(kernel), original_numerics(gelu):
             out = unet.apply(
                 {"params": params["unet"]},
                 jnp.transpose(x2, (0, 3, 1, 2)).astype(dtype),
@@ -493,6 +509,7 @@ def load_stable_diffusion(
     view_augmentation: bool = True,
     negative_prompt: str = "",
     attention: str = "auto",
+    gelu: str = "exact",
 ) -> Denoiser:
     """Stable Diffusion as a `Denoiser` for ``prompt`` (view-augmented unless turned off).
 
@@ -501,6 +518,7 @@ def load_stable_diffusion(
     """
     view_prompts(prompt, view_augmentation=view_augmentation)  # refuse a bad prompt before loading
     resolve_attention(attention, DTYPES.get(dtype, jnp.float32))  # and a bad attention kind
+    check_gelu(gelu)
     components = load_components(model, revision=revision, dtype=dtype)
     params = {
         "unet": components.unet_params,
@@ -513,7 +531,7 @@ def load_stable_diffusion(
     }
     config = components.unet.config
     return Denoiser(
-        apply=make_apply(components, guidance_scale=guidance_scale, attention=attention),
+        apply=make_apply(components, guidance_scale=guidance_scale, attention=attention, gelu=gelu),
         params=params,
         sigmas=components.sigmas,
         channels=int(config.out_channels),
