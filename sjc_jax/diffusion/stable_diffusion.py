@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from sjc_jax.diffusion.weights import (
     load_converted,
     transformers_rename,
 )
-from sjc_jax.prompts import view_prompts
+from sjc_jax.prompts import short_prompt, view_prompts
 
 Array = jax.Array
 
@@ -395,14 +396,32 @@ def load_components(
     )
 
 
+def _warn_truncated(tokenizer: Any, texts: Sequence[str], length: int) -> None:
+    """One warning line if any of ``texts`` is longer than ``length`` tokens (what is lost)."""
+    cut = []
+    for text in texts:
+        tokens = tokenizer(text, truncation=False, verbose=False).input_ids  # start ... end
+        if len(tokens) > length:
+            cut.append((len(tokens), text, tokenizer.decode(tokens[length - 1 : -1])))
+    if cut:
+        count, text, lost = max(cut)
+        warnings.warn(
+            f"CLIP reads {length} tokens and {len(cut)} prompt text(s) are longer, so their ends "
+            f"are ignored: {short_prompt(text)!r} ({count} tokens) loses {short_prompt(lost)!r}",
+            stacklevel=3,
+        )
+
+
 def encode_prompts(components: SDComponents, texts: Sequence[str]) -> Array:
     """CLIP last hidden states ``[len(texts), L, D]`` float32, each distinct text encoded once.
 
-    Texts are padded/truncated to ``L = min(tokenizer.model_max_length, max positions)`` tokens.
+    Texts are padded/truncated to ``L = min(tokenizer.model_max_length, max positions)`` tokens
+    (77 for SD, start and end tokens included); a text that is cut is one warning line.
     """
     unique = list(dict.fromkeys(texts))
     config = components.text_encoder.config
     length = min(components.tokenizer.model_max_length, config.max_position_embeddings)
+    _warn_truncated(components.tokenizer, unique, length)
     ids = components.tokenizer(
         unique, padding="max_length", max_length=length, truncation=True, return_tensors="np"
     ).input_ids
