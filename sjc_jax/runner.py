@@ -12,8 +12,10 @@ Two layers:
 
 A run directory holds ``config.json`` (written first; nested by section), ``metrics.jsonl`` (one
 line per step), ``previews/`` (a fixed camera every 1 % of the run: decoded image and depth),
-``checkpoints/`` (atomic) and ``final/`` (``grid.npz``, ``view.png``, ``turntable.mp4``,
-``depth.mp4``, ``mesh.ply`` and, when the model kind evaluates, ``eval.json``).
+``checkpoints/`` (atomic), ``tensorboard/`` (event files of the metrics and previews) and
+``final/`` (``grid.npz``, ``view.png``, ``turntable.mp4``, ``depth.mp4``, the mesh as
+``mesh.ply``, ``mesh.glb`` and a textured ``mesh.obj``, ``metrics.png`` and, when the model kind
+evaluates, ``eval.json``).
 
 A non-finite grid stops the run with `NonFiniteError`; only finite states are ever checkpointed,
 so the last checkpoint stays good. Ctrl-C writes a checkpoint of the last completed step and
@@ -41,12 +43,15 @@ from tqdm.auto import tqdm
 from sjc_jax import checkpoint, export, files
 from sjc_jax.camera import Camera, make_camera, sjc_eye, turntable_path
 from sjc_jax.config import SJCConfig
+from sjc_jax.devices import accelerator_warning, describe_backend
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.grid import activate_density
 from sjc_jax.grid_io import save_grid_file
 from sjc_jax.models import Model, build_model
+from sjc_jax.prompts import short_prompt
 from sjc_jax.render import render_view
 from sjc_jax.sjc import TrainState, init_state, make_step, views_mesh
+from sjc_jax.tensorboard import TensorBoardWriter
 from sjc_jax.testbed.scenes import render_views
 
 
@@ -188,13 +193,16 @@ class Artifacts:
         render_config = config.render_config()
         self._render = jax.jit(lambda grid, cam: render_view(grid, cam, render_config))
 
-    def preview(self, grid, path: Path) -> None:
+    def preview(self, grid, path: Path) -> np.ndarray:
+        """Save the preview (decoded image | depth) as a PNG; returns it ``[H, 2W, 3]``."""
         view = self._render(grid, preview_camera(self.size, self.config.camera.radius))
         rgb = _to_rgb(self.denoiser, np.asarray(view.image)[None])[0]
         depth = export.colorize_depth(np.asarray(view.depth), near=0.3, far=10.0)
         scale = rgb.shape[0] // depth.shape[0]  # the VAE decodes at 8x the latent size
         depth = np.repeat(np.repeat(depth, scale, 0), scale, 1)
-        export.save_png(path, np.concatenate([rgb, depth], axis=1))
+        picture = np.concatenate([rgb, depth], axis=1)
+        export.save_png(path, picture)
+        return picture
 
     def videos(self, grid, final: Path) -> None:
         cams = turntable_path(
@@ -233,10 +241,10 @@ class Artifacts:
             threshold=config.run.mesh_threshold,
             step_ratio=config.render.step_ratio,
         )
-        export.save_mesh(final / "mesh.ply", mesh)
+        export.save_mesh_files(final, mesh)
 
     def final(self, grid, final: Path) -> None:
-        """``final/``: grid file, view, videos and mesh."""
+        """``final/``: grid file, view, videos and mesh files."""
         final.mkdir(exist_ok=True)
         save_grid_file(
             final / "grid.npz",
@@ -288,6 +296,7 @@ def run(
     steps: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Lift ``config`` into ``out_dir``; returns a summary dict.
 
@@ -304,6 +313,8 @@ def run(
         given the same values.
       progress: show a tqdm bar.
       stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
+      log: receives one-line notes once the run is set up (the JAX backend and devices, a
+        warning when an accelerator goes unused); None = silent.
     """
     out = prepare_output(out_dir)
     config_path = out / "config.json"
@@ -355,6 +366,11 @@ def run(
     if resume:
         state = checkpoint.restore_checkpoint(ckpt_dir, state)
         _truncate_metrics(metrics_path, int(state.step))
+    if log is not None:
+        log(describe_backend())
+        warning = accelerator_warning()
+        if warning:
+            log(f"warning: {warning}")
     artifacts = Artifacts(config, denoiser, size)
     total = config.run.steps
     start = int(state.step)
@@ -365,8 +381,9 @@ def run(
         initial=start,
         disable=not progress,
         dynamic_ncols=True,
-        desc=config.model.prompt or denoiser.name,
+        desc=short_prompt(config.model.prompt) if config.model.prompt else denoiser.name,
     )
+    board = TensorBoardWriter(out / "tensorboard", purge_step=start if resume else None)
 
     def save(state: TrainState) -> None:
         if not _is_finite(state.grid):
@@ -375,11 +392,12 @@ def run(
         if checkpoint.latest_step(ckpt_dir) != step:
             checkpoint.save_checkpoint(ckpt_dir, step, state, keep=config.run.keep_checkpoints)
 
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path, "a") as metrics_file, board:
 
         def on_metrics(records: list[dict[str, Any]]) -> None:
             for record in records:
                 metrics_file.write(json.dumps(record) + "\n")
+                board.scalars(record["step"], record)
                 if not record["finite"]:
                     metrics_file.flush()
                     raise NonFiniteError(
@@ -396,10 +414,13 @@ def run(
             )
 
         preview_every = max(1, total // config.run.num_previews)
-        previews = Hook(
-            preview_every,
-            lambda s: artifacts.preview(s.grid, out / "previews" / f"step_{int(s.step):08d}.png"),
-        )
+
+        def preview(state: TrainState) -> None:
+            step = int(state.step)
+            picture = artifacts.preview(state.grid, out / "previews" / f"step_{step:08d}.png")
+            board.image(step, "preview", picture)
+
+        previews = Hook(preview_every, preview)
         try:
             state = run_loop(
                 step_fn,
@@ -424,6 +445,8 @@ def run(
 
     grid = jax.device_get(state.grid)
     artifacts.final(grid, out / "final")
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    export.save_metrics_plot(out / "final" / "metrics.png", records)
     if model.evaluate is not None:
         evaluation = model.evaluate(grid)
         files.write_json(out / "final" / "eval.json", evaluation)
