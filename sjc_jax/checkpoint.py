@@ -11,10 +11,13 @@ Orbax's own mechanisms do the hard parts:
   finalises it by recording a commit time in ``_CHECKPOINT_METADATA`` and one atomic rename.
   A checkpoint is *complete* when its directory has the final name and that commit record
   (`is_complete`); only complete checkpoints are listed, restored or counted by ``keep``.
-* Waiting: `CheckpointWriter` holds one `ocp.AsyncCheckpointer`, which blocks each save until the
-  previous one has finished; the writer's `~CheckpointWriter.wait` surfaces a background error
-  and prunes old checkpoints only after the new one is complete, so two saves never write at
-  once and a failed save (a full disk) leaves the older checkpoints alone.
+* Waiting: `CheckpointWriter` holds one `ocp.AsyncCheckpointer` and waits for each save with its
+  ``wait_until_finished`` (which also surfaces an error of orbax's background threads) before it
+  returns, and before any next save: two saves never write at once, and old checkpoints are
+  pruned only after the new one is complete, so a failed save (a full disk) leaves them alone.
+  The save is not left running behind the loop: the state is donated to the next step, and
+  orbax's host copy of a CPU array is a view of the same buffer (a copy of our own would double
+  the state's memory).
 * Validation: restoring reads every array (a truncated or missing data file fails there) after
   the saved tree's shapes and dtypes were checked against the target; `restore_latest_usable`
   walks back from the newest checkpoint to the newest one that restores (and passes the caller's
@@ -24,8 +27,9 @@ Ours are the listing, pruning (an old checkpoint is first renamed to a temporary
 and only then deleted) and the clean-up of leftovers of interrupted saves (orbax's temporary
 directories, never usable). orbax's `CheckpointManager` is not used: it counts a half-deleted or
 hand-made ``step_*`` directory as a checkpoint and silently casts a checkpoint into the dtypes of
-the restore target. orbax's own log lines are filtered out (`_OrbaxLogFilter`): every failure
-reaches the caller as an exception, once.
+the restore target. orbax's own log lines are filtered out (`_OrbaxLogFilter`), and so are
+tensorstore's late callbacks into the closed loop of a failed save (`_drop_closed_loop_callbacks`):
+every failure reaches the caller as an exception, once.
 
 SIGKILL at any moment leaves the latest complete checkpoint intact and restorable. (Durability
 against a power loss additionally needs the file system to keep the rename ordered after the
@@ -43,13 +47,13 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -78,6 +82,26 @@ class _OrbaxLogFilter(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_OrbaxLogFilter())
+
+
+def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that drops tensorstore's late callbacks into orbax's closed loop.
+
+    When a save fails (a full disk), orbax closes its asyncio loop while tensorstore still
+    completes the other writes; their callbacks' ``RuntimeError('Event loop is closed')`` would
+    be printed as a traceback. Everything else goes to the previous hook.
+    """
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 def step_directory(directory: str | os.PathLike, step: int) -> Path:
@@ -149,13 +173,6 @@ def _to_storable(leaf: Any) -> Any:
     return leaf
 
 
-def _owned_copy(leaf: Any) -> Any:
-    """A copy that no later computation can donate (orbax reads it after `save` returns)."""
-    if isinstance(leaf, jax.Array):
-        return jnp.array(leaf, copy=True)
-    return np.array(leaf, copy=True)
-
-
 def _from_storable(target: Any, value: Any) -> Any:
     """Undo `_to_storable` for a restored ``value`` given its ``target`` leaf."""
     if _is_key(target):
@@ -188,17 +205,19 @@ def _is_primary() -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The first line of the innermost cause (tensorstore's own words), without the file path."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
 
 
 class CheckpointWriter:
-    """Saves into one directory, one at a time, in the background; prunes to ``keep``.
+    """Saves into one directory, one at a time, and prunes to ``keep`` complete checkpoints.
 
-    `save` returns once the state is copied (the caller may go on stepping and donating); the
-    write and orbax's finalising rename run in a background thread. The next `save`, `wait` or
-    `close` waits for it and raises its error if it failed. Use as a context manager (or call
-    `close`): leaving the block waits for the last save.
+    `save` returns once orbax has finalised the checkpoint (the caller may then donate the
+    state) and raises the error of a failed save. Use as a context manager (or call `close`).
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3):
@@ -218,7 +237,7 @@ class CheckpointWriter:
         self.close()
 
     def save(self, step: int, state: PyTree) -> Path:
-        """Start writing ``state`` as the checkpoint of ``step`` (after the previous save ends).
+        """Write ``state`` as the checkpoint of ``step`` and wait for it; then prune.
 
         A complete checkpoint of ``step`` must not exist; an incomplete directory of that name
         (no commit record) is moved aside first. Returns the checkpoint's final path.
@@ -239,17 +258,18 @@ class CheckpointWriter:
                     _TMP_MARKER in entry.name or _DELETING_MARKER in entry.name
                 ):
                     _remove_quietly(entry)
-        storable = jax.tree.map(lambda x: _owned_copy(_to_storable(x)), state)
+        storable = jax.tree.map(_to_storable, state)
         self._pending = int(step)
         try:
             self._checkpointer.save(target, args=ocp.args.StandardSave(storable))
         except BaseException:
             self._abandon()
             raise
+        self.wait()
         return target
 
     def wait(self) -> None:
-        """Wait for the save in flight (raising its error); then prune to ``keep``."""
+        """Wait for the save in flight, if any (raising its error); then prune to ``keep``."""
         if self._pending is None:
             return
         try:
@@ -292,7 +312,7 @@ class CheckpointWriter:
 def save_checkpoint(
     directory: str | os.PathLike, step: int, state: PyTree, *, keep: int | None = 3
 ) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` and wait for it; then prune old checkpoints.
+    """Write ``state`` as the checkpoint of ``step`` atomically, then prune old checkpoints.
 
     Args:
       directory: checkpoint root (created if missing).
@@ -403,8 +423,7 @@ def _check_matches(saved: PyTree, target: PyTree) -> None:
     )[0]
     if len(saved_items) != len(target_items):
         raise ValueError(
-            f"target_state has {len(target_items)} array leaves, the checkpoint "
-            f"{len(saved_items)}"
+            f"target_state has {len(target_items)} array leaves, the checkpoint {len(saved_items)}"
         )
     for (saved_path, _), (target_path, _) in zip(saved_items, target_items, strict=True):
         mine, theirs = jax.tree_util.keystr(target_path), jax.tree_util.keystr(saved_path)

@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 from sjc_jax import files
+from sjc_jax.config import SJCConfig
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -58,6 +59,15 @@ def foreign_entries(out: str | os.PathLike) -> list[str]:
     return sorted(
         name for name in os.listdir(out) if name not in ENTRIES and not _LEFTOVER_RE.match(name)
     )
+
+
+def is_run_config(path: str | os.PathLike) -> bool:
+    """Whether ``path`` reads as a run's ``config.json`` (a model's config.json does not)."""
+    try:
+        SJCConfig.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -86,14 +96,16 @@ def check_new(out: str | os.PathLike, *, locked: bool = False) -> None:
     _check_writable(out, "output directory")
     if not out.exists():
         return
+    foreign = foreign_entries(out)
+    if foreign:
+        raise RunError(_foreign_message(out, foreign))
     if (out / CONFIG).exists():
+        if not is_run_config(out / CONFIG):
+            raise RunError(_foreign_message(out, [f"a {CONFIG} that is not a run's"]))
         raise RunError(
             f"{_show(out)} already holds a run; continue it with --resume {_show(out)} or "
             "choose another --out"
         )
-    foreign = foreign_entries(out)
-    if foreign:
-        raise RunError(_foreign_message(out, foreign))
     holder = None if locked else lock_holder(out)
     if holder is not None:
         raise RunError(_locked_message(out, holder))

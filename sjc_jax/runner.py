@@ -135,8 +135,8 @@ def run_loop(
       end: the step count to stop at.
       log_every: metrics are fetched from the device every this many steps and at the end.
       checkpoint_every: ``save(state)`` every this many steps and at the end.
-      save: starts a checkpoint of a state (called with metrics fetched up to it, before the
-        next step donates the state; it must copy what it keeps).
+      save: writes a checkpoint of a state (called with metrics fetched up to it, before the
+        next step donates the state).
       on_metrics: receives the fetched records ``{"step": i, name: float, ...}`` in order; raise
         in it to stop the loop (e.g. `NonFiniteError`).
       hooks: called after their steps, in order.
@@ -495,10 +495,10 @@ def run(
             except Exception as err:
                 if isinstance(err, RunError) or not files.is_disk_full(err):
                     raise
+                then = _resume_hint(out) if (out / rundir.CONFIG).is_file() else "run it again"
                 raise DiskFullError(
                     f"no space left on the device of {str(out)!r}; "
-                    f"{_last_good(out / rundir.CHECKPOINTS)}; free some space and "
-                    f"{_resume_hint(out)}"
+                    f"{_last_good(out / rundir.CHECKPOINTS)}; free some space and {then}"
                 ) from None
 
 
