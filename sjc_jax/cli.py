@@ -191,28 +191,37 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    *,
+    stop: interrupts.StopRequest | None = None,
+    restore: typing.Callable[[], None] | None = None,
+) -> int:
+    """The command line; ``stop`` (with its handlers' ``restore``) when already installed.
+
+    Ctrl-C / SIGTERM are requests (`sjc_jax.interrupts`) that `runner.run` serves; nothing
+    raises mid-import. ``python -m sjc_jax`` installs them before importing this module.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.showwarning = _show_warning
-    # First, before JAX loads: Ctrl-C / SIGTERM become requests (`sjc_jax.interrupts`).
-    stop = interrupts.StopRequest()
-    interrupts.install(stop)
-    try:
-        return _main(argv, stop)
-    except KeyboardInterrupt:
-        # Raised only before anything was written (the run defers signals from then on).
-        return _fail("interrupted before the first step; nothing was written", 130)
+    if stop is None:
+        stop = interrupts.StopRequest()
+        restore = interrupts.install(stop)
+    return _main(argv, stop, restore or (lambda: None))
 
 
-def _main(argv: list[str] | None, stop: interrupts.StopRequest) -> int:
+def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     if args.command == "bench":
-        from sjc_jax.bench import run_bench
-
+        restore()  # a benchmark writes nothing: Ctrl-C just stops it
         try:
+            if stop.requested:
+                raise KeyboardInterrupt
+            from sjc_jax.bench import run_bench
+
             result = run_bench(
                 repeats=args.repeats,
                 parts=tuple(args.parts.split(",")),
@@ -225,6 +234,8 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest) -> int:
             print(json.dumps(result))
         except ValueError as err:
             return _fail(str(err))
+        except KeyboardInterrupt:
+            return _fail("bench interrupted", 130)
         return 0
     from sjc_jax import runner
 

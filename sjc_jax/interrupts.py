@@ -7,28 +7,54 @@ signal; the loop finishes the step it is in, flushes its metrics, writes one che
 (`sjc_jax.runner`). Later signals change nothing: a second Ctrl-C while the checkpoint is being
 written waits for it. (To abandon a run at once, SIGKILL it; the last checkpoint stays intact.)
 
-Before anything is in flight (parsing, imports, building the model) waiting would only make
-Ctrl-C feel dead, so a request in *immediate* mode raises `KeyboardInterrupt` once, right away;
-the runner switches to deferred mode (`StopRequest.defer`) before it writes anything.
+While nothing is in flight and nothing has been written (building the model: loading weights,
+rendering the testbed's image set), waiting would only make Ctrl-C feel dead, so within
+`StopRequest.immediately` the first request raises `KeyboardInterrupt` at once. (One raised
+where Python can only print it, in a garbage-collection callback say, is not printed; it stays
+recorded and is served right after the block.) Everywhere else, imports included (a library
+that swallows a `KeyboardInterrupt` raised mid-import leaves the process in a state nobody
+tested), a request only sets the flag.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 # The signals served as stop requests.
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class StopRequest:
-    """The first SIGINT / SIGTERM received (``signum``), and whether it raises at once."""
+class _Requested(KeyboardInterrupt):
+    """The `KeyboardInterrupt` of an immediate request (recognised where Python cannot raise it)."""
 
-    def __init__(self, *, immediate: bool = True):
+
+def _quiet_requests(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that drops our own immediate requests.
+
+    A signal handler runs wherever the main thread is, also inside a garbage-collection callback
+    or a ``__del__``, where Python can only print the exception ("Exception ignored in ...").
+    The request stays recorded (``StopRequest.requested``) and is served right after the block.
+    """
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, _Requested):
+            previous(unraisable)
+
+    hook.quiet_requests = True
+    return hook
+
+
+class StopRequest:
+    """The first SIGINT / SIGTERM received (``signum``); it raises only within `immediately`."""
+
+    def __init__(self):
         self.signum: int | None = None
-        self.immediate = immediate
+        self._immediate = False
 
     @property
     def requested(self) -> bool:
@@ -41,19 +67,26 @@ class StopRequest:
 
     def request(self, signum: int = signal.SIGINT) -> None:
         """Record a stop request (what the signal handler does; also for scripts and tests)."""
-        first = self.signum is None
-        if first:
-            self.signum = int(signum)
-        if first and self.immediate:
-            self.immediate = False
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            return
+        self.signum = int(signum)
+        if self._immediate:
+            self._immediate = False
+            raise _Requested
 
     def handler(self, signum, frame) -> None:
         self.request(signum)
 
-    def defer(self) -> None:
-        """From now on a request only sets the flag (it never raises); there is no way back."""
-        self.immediate = False
+    @contextlib.contextmanager
+    def immediately(self) -> Iterator[StopRequest]:
+        """Within the block a request raises `KeyboardInterrupt` (also one already pending)."""
+        if self.requested:
+            raise KeyboardInterrupt
+        self._immediate = True
+        try:
+            yield self
+        finally:
+            self._immediate = False
 
 
 def install(stop: StopRequest) -> Callable[[], None]:
@@ -65,6 +98,8 @@ def install(stop: StopRequest) -> Callable[[], None]:
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    if not getattr(sys.unraisablehook, "quiet_requests", False):
+        sys.unraisablehook = _quiet_requests(sys.unraisablehook)
     previous = {}
     for signum in SIGNALS:
         current = signal.getsignal(signum)

@@ -455,15 +455,19 @@ def run(
     out = Path(out_dir)
     with interrupts.handling(stop) as stop:
         try:
-            config, write_config = _planned_config(config, out, resume=resume, steps=steps)
-            model = build_model(config) if model is None else model
-            size = config.render.image_size or model.denoiser.resolution
-            state_kwargs = dict(optimizer=optimizer, estimator=estimator, denoiser=model.denoiser)
-            mesh = _mesh_for(config)
-            _check_memory(config, model, size, state_kwargs, mesh)
+            with stop.immediately():
+                config, write_config = _planned_config(config, out, resume=resume, steps=steps)
+                model = build_model(config) if model is None else model
+                size = config.render.image_size or model.denoiser.resolution
+                state_kwargs = dict(
+                    optimizer=optimizer, estimator=estimator, denoiser=model.denoiser
+                )
+                mesh = _mesh_for(config)
+                _check_memory(config, model, size, state_kwargs, mesh)
         except KeyboardInterrupt:
             raise Interrupted(_interrupted_before(out, resume)) from None
-        stop.defer()
+        if stop.requested:  # raised inside the block and swallowed by a library
+            raise Interrupted(_interrupted_before(out, resume))
         with rundir.RunLock(out):
             # Checked again under the lock: another run may have started here meanwhile.
             again, _ = _planned_config(
