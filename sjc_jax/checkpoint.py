@@ -28,7 +28,7 @@ and only then deleted) and the clean-up of leftovers of interrupted saves (orbax
 directories, never usable). orbax's `CheckpointManager` is not used: it counts a half-deleted or
 hand-made ``step_*`` directory as a checkpoint and silently casts a checkpoint into the dtypes of
 the restore target. orbax's own log lines are filtered out (`_OrbaxLogFilter`), and so are
-tensorstore's late callbacks into the closed loop of a failed save (`_drop_closed_loop_callbacks`):
+the echoes of a failed save or restore that Python can only print (`_drop_orbax_leftovers`):
 every failure reaches the caller as an exception, once.
 
 SIGKILL at any moment leaves the latest complete checkpoint intact and restorable. (Durability
@@ -84,24 +84,35 @@ class _OrbaxLogFilter(logging.Filter):
 logging.getLogger("absl").addFilter(_OrbaxLogFilter())
 
 
-def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-    """An unraisable hook that drops tensorstore's late callbacks into orbax's closed loop.
+def _from_orbax(obj: Any) -> bool:
+    """Whether an unraisable's object is one of orbax's coroutines or functions."""
+    code = getattr(obj, "cr_code", None) or getattr(obj, "__code__", None)
+    filename = getattr(code, "co_filename", "") or getattr(obj, "__module__", "") or ""
+    return f"{os.sep}orbax{os.sep}" in filename or filename.startswith("orbax.")
 
-    When a save fails (a full disk), orbax closes its asyncio loop while tensorstore still
-    completes the other writes; their callbacks' ``RuntimeError('Event loop is closed')`` would
-    be printed as a traceback. Everything else goes to the previous hook.
+
+def _drop_orbax_leftovers(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that drops the echoes of a failed orbax save or restore.
+
+    When a save fails (a full disk) orbax closes its asyncio loop while tensorstore still
+    completes the other writes, whose callbacks raise ``RuntimeError('Event loop is closed')``;
+    when a restore fails (a truncated file) the coroutines of the other arrays are dropped with
+    their own errors. Python can only print those ("Exception ignored in ..."), after the first
+    error has already reached our caller. Everything else goes to the previous hook.
     """
 
     def hook(unraisable) -> None:
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
             return
+        if _from_orbax(unraisable.object):
+            return
         previous(unraisable)
 
     return hook
 
 
-sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+sys.unraisablehook = _drop_orbax_leftovers(sys.unraisablehook)
 
 
 def step_directory(directory: str | os.PathLike, step: int) -> Path:

@@ -468,14 +468,14 @@ def run(
             raise Interrupted(_interrupted_before(out, resume)) from None
         if stop.requested:  # raised inside the block and swallowed by a library
             raise Interrupted(_interrupted_before(out, resume))
-        with rundir.RunLock(out):
-            # Checked again under the lock: another run may have started here meanwhile.
-            again, _ = _planned_config(
-                None if resume else config, out, resume=resume, steps=steps, locked=True
-            )
-            if again != config:
-                raise RunError(f"{str(out)!r} changed while this run was starting; try again")
-            try:
+        try:
+            with rundir.RunLock(out):
+                # Checked again under the lock: another run may have started here meanwhile.
+                again, _ = _planned_config(
+                    None if resume else config, out, resume=resume, steps=steps, locked=True
+                )
+                if again != config:
+                    raise RunError(f"{str(out)!r} changed while this run was starting; try again")
                 return _run_locked(
                     config,
                     out,
@@ -496,14 +496,14 @@ def run(
                     stop_after=stop_after,
                     stop=stop,
                 )
-            except Exception as err:
-                if isinstance(err, RunError) or not files.is_disk_full(err):
-                    raise
-                then = _resume_hint(out) if (out / rundir.CONFIG).is_file() else "run it again"
-                raise DiskFullError(
-                    f"no space left on the device of {str(out)!r}; "
-                    f"{_last_good(out / rundir.CHECKPOINTS)}; free some space and {then}"
-                ) from None
+        except Exception as err:
+            if isinstance(err, RunError) or not files.is_disk_full(err):
+                raise
+            then = _resume_hint(out) if (out / rundir.CONFIG).is_file() else "run it again"
+            raise DiskFullError(
+                f"no space left on the device of {str(out)!r}; "
+                f"{_last_good(out / rundir.CHECKPOINTS)}; free some space and {then}"
+            ) from None
 
 
 def _run_locked(
@@ -536,8 +536,9 @@ def _run_locked(
         rundir.truncate_metrics(metrics_path, int(state.step))
     total = config.run.steps
     start = int(state.step)
+    resumed = {"resumed_from": start} if resume else {}
     if start == total and (out / rundir.FINAL).is_dir():
-        summary = {"steps": total, "seconds": 0.0, "out": str(out), "finished": True}
+        summary = {"steps": total, "seconds": 0.0, "out": str(out), **resumed, "finished": True}
         evaluation = _read_eval(out)
         return summary if evaluation is None else {**summary, "eval": evaluation}
 
@@ -609,7 +610,7 @@ def _run_locked(
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": int(state.step), "seconds": elapsed, "out": str(out)}
+    summary = {"steps": int(state.step), "seconds": elapsed, "out": str(out), **resumed}
     if int(state.step) < total:
         return summary
 
