@@ -204,10 +204,14 @@ def main(
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.showwarning = _show_warning
-    if stop is None:
-        stop = interrupts.StopRequest()
-        restore = interrupts.install(stop)
-    return _main(argv, stop, restore or (lambda: None))
+    if stop is not None:
+        return _main(argv, stop, restore or (lambda: None))
+    stop = interrupts.StopRequest()
+    restore = interrupts.install(stop)
+    try:  # called in-process (tests, scripts): the caller's handlers come back afterwards
+        return _main(argv, stop, restore)
+    finally:
+        restore()
 
 
 def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
