@@ -261,7 +261,8 @@ def _grid_bytes(grid) -> list[bytes]:
     ]
 
 
-def compare_with_reference(out: Path, ref: Reference) -> list[str]:
+def compare_with_reference(out: Path, reference: Background) -> list[str]:
+    ref: Reference = reference.get()
     problems = []
     if not (out / "final" / "grid.npz").exists():
         return ["no final/grid.npz"]
@@ -284,16 +285,43 @@ def compare_with_reference(out: Path, ref: Reference) -> list[str]:
     return problems
 
 
+class Background:
+    """``fn()`` in a thread, started at once; `get` waits for its value (or raises its error)."""
+
+    def __init__(self, fn):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._value = fn()
+        except BaseException as err:  # noqa: BLE001  (re-raised by get)
+            self._error = err
+
+    def get(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory, cache_dir) -> Reference:
+def reference(tmp_path_factory, cache_dir) -> Background:
+    """The uninterrupted run, computed in the background (the first fault case runs beside it
+    on the second core); `compare_with_reference` waits for it."""
     out = tmp_path_factory.mktemp("faults") / "reference"
-    result = launch(new_run(out), out, None, cache_dir)
-    assert result.rc == 0, result.stderr
-    return Reference(
-        grid=load_grid_file(out / "final" / "grid.npz")[0],
-        metrics=[json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
-        evaluation=json.loads((out / "final" / "eval.json").read_text()),
-    )
+
+    def compute() -> Reference:
+        result = launch(new_run(out), out, None, cache_dir)
+        assert result.rc == 0, result.stderr
+        return Reference(
+            grid=load_grid_file(out / "final" / "grid.npz")[0],
+            metrics=[json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
+            evaluation=json.loads((out / "final" / "eval.json").read_text()),
+        )
+
+    return Background(compute)
 
 
 class Cases:
