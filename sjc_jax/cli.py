@@ -188,7 +188,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    lines = str(message).strip().splitlines() or [category.__name__]
+    print(f"{PROG}: warning: {lines[0]}", file=sys.stderr)  # one line each, as errors
 
 
 def main(

@@ -110,17 +110,26 @@ class Fault:
 
 
 _PATTERNS = {
-    "checkpoint": "checkpoints/step_*.orbax-checkpoint-tmp",
+    # A checkpoint's temporary directory, or (if polling missed it) its final one.
+    "checkpoint": "checkpoints/step_*",
     "final": "final.tmp-*",
     "metrics": "metrics.jsonl",
 }
 
 
+def _key(path: str) -> str:
+    """What a path trigger counts: a checkpoint's step (tmp or final), else the path."""
+    name = os.path.basename(path)
+    if name.startswith("step_"):
+        return name[5:13]
+    return path
+
+
 def _wait_trigger(proc, out: Path, fault: Fault, before: set[str]) -> bool:
     """Block until the fault's instant; False if the process ended first.
 
-    A path trigger counts only paths that appear after the launch (``before``: those already
-    there, a killed process's leftovers).
+    A path trigger counts only paths (checkpoint steps) that appear after the launch
+    (``before``: the keys of those already there, a killed process's leftovers).
     """
     if fault.trigger == "time":
         deadline = time.monotonic() + fault.after
@@ -132,7 +141,7 @@ def _wait_trigger(proc, out: Path, fault: Fault, before: set[str]) -> bool:
     seen: set[str] = set()
     pattern = str(out / _PATTERNS[fault.trigger])
     while proc.poll() is None:
-        seen.update(set(glob.glob(pattern)) - before)
+        seen.update({_key(p) for p in glob.glob(pattern)} - before)
         if len(seen) >= fault.nth:
             time.sleep(fault.after)
             return proc.poll() is None
@@ -155,7 +164,7 @@ class Result:
 
 def launch(cmd, out: Path, fault: Fault | None, cache_dir, **env) -> Result:
     before = (
-        set(glob.glob(str(out / _PATTERNS[fault.trigger])))
+        {_key(p) for p in glob.glob(str(out / _PATTERNS[fault.trigger]))}
         if fault and fault.signals and fault.trigger != "time"
         else set()
     )
@@ -398,30 +407,35 @@ def test_faults_over_a_chain_of_resumes(tmp_path, cache_dir, reference):
         problems.append(f"not refused as in use: {locked.stderr!r}")
     cases.check("a second run while one runs", problems)
 
-    # Once the reference has compiled its step (the cache is warm), the chain starts.
-    while not (reference.out / "metrics.jsonl").exists() and reference.running():
+    # Once the reference has written its first checkpoint (every program it needs until then is
+    # in the compilation cache), the chain starts.
+    first = reference.out / "checkpoints" / "step_00000020"
+    while not checkpoint.is_complete(first) and reference.running():
         time.sleep(0.01)
     out = tmp_path / "chain"
+    # The 3rd checkpoint: killed while it is written (or just after, if polling missed it).
     killed = launch(new_run(out), out, Fault((signal.SIGKILL,), "checkpoint", 0.0, 3), cache_dir)
     cases.check("SIGKILL in checkpoint write", check_output(killed, out, {-signal.SIGKILL}))
     cases.check("after SIGKILL", validate_checkpoints(out))
-    steps = checkpoint.all_steps(out / "checkpoints")
-    assert steps == [20, 40], steps
-    newest = checkpoint.step_directory(out / "checkpoints", 40)
+    older, newest_step = checkpoint.all_steps(out / "checkpoints")
+    newest = checkpoint.step_directory(out / "checkpoints", newest_step)
     for data in (newest / "ocdbt.process_0" / "d").iterdir():
         data.write_bytes(data.read_bytes()[:7])  # truncated data files
 
+    # Resumed from `older`; its first checkpoint is written, the second meets a full disk.
     child = fault_child("run", "--resume", str(out), "--no-progress")
     full = launch(child, out, None, cache_dir, SJC_FAULT="checkpoint:2")
     problems = check_output(full, out, {1})
     lines = error_lines(full.stderr)
-    if not any("resuming from step 20: the checkpoint of step 40" in x for x in lines):
+    fallback = f"resuming from step {older}: the checkpoint of step {newest_step}"
+    if not any(fallback in x for x in lines):
         problems.append(f"no fallback line: {lines}")
-    if "no space left" not in lines[-1] or "last good checkpoint (step 40)" not in lines[-1]:
+    good = older + 20
+    if "no space left" not in lines[-1] or f"last good checkpoint (step {good})" not in lines[-1]:
         problems.append(f"message {lines[-1]!r}")
     if not list((out / "checkpoints" / "unusable").glob(f"{newest.name}-*")):
         problems.append("the corrupt checkpoint was not moved aside")
-    if checkpoint.all_steps(out / "checkpoints") != [20, 40]:
+    if checkpoint.all_steps(out / "checkpoints") != [older, good]:
         problems.append(f"checkpoints {checkpoint.all_steps(out / 'checkpoints')}")
     if glob.glob(str(out / "checkpoints" / "*tmp*")):
         problems.append("a temporary checkpoint was left")
