@@ -1,11 +1,24 @@
-# Every target builds its own environment in .venv/ on demand (a fresh clone needs nothing else).
+# Every target builds its own environment in .venv/ on demand (a fresh clone needs nothing else):
+# `make run` and `make bench` the runtime requirements with the JAX build of this machine's
+# accelerator, `make test` and `make lint` the test and lint tools on top.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# cpu, cuda (NVIDIA GPU, CUDA 13) or tpu; detected (nvidia-smi, TPU devices) unless given.
+ACCEL ?= $(shell $(PYTHON) sjc_jax/devices.py)
+ifeq ($(filter $(ACCEL),cpu cuda tpu),)
+$(error ACCEL must be cpu, cuda or tpu, got '$(ACCEL)')
+endif
+JAX_VERSION := $(shell sed -n 's/^jax==//p' requirements.txt)
+JAX_cpu := jax==$(JAX_VERSION)
+JAX_cuda := jax[cuda13]==$(JAX_VERSION)
+JAX_tpu := jax[tpu]==$(JAX_VERSION)
+RUN_STAMP := $(VENV)/.run-$(ACCEL)
+
 PROMPT ?=
-MODEL ?= $(if $(PROMPT),runwayml/stable-diffusion-v1-5,testbed)
+MODEL ?= $(if $(PROMPT),stable-diffusion-v1-5/stable-diffusion-v1-5,testbed)
 STEPS ?=
 SEED ?= 0
 # A fresh directory per run, so repeating `make run` never collides with an earlier run.
@@ -15,11 +28,20 @@ ARGS ?=
 
 .PHONY: test test-slow lint format bench run clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+# Runtime only: requirements.txt and the JAX build of ACCEL (one stamp per build).
+$(RUN_STAMP): requirements.txt | $(PY)
+	rm -f $(VENV)/.run-*
+	$(PY) -m pip install -q -r requirements.txt '$(JAX_$(ACCEL))'
+	touch $@
+
+# Tests and lint tools (requirements-dev.txt, which includes requirements.txt).
+$(STAMP): requirements.txt requirements-dev.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt
-	touch $(STAMP)
+	touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -35,10 +57,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format sjc_jax tests experiments
 	$(VENV)/bin/ruff check --fix sjc_jax tests experiments
 
-bench: $(STAMP)
+bench: $(RUN_STAMP)
 	$(PY) -m sjc_jax bench $(ARGS)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(PY) -m sjc_jax run --model '$(MODEL)' $(if $(PROMPT),--prompt '$(PROMPT)') \
 		$(if $(STEPS),--steps $(STEPS)) --seed $(SEED) --out '$(OUT)' \
 		$(if $(SCENE),--scene '$(SCENE)') $(ARGS)

@@ -55,9 +55,9 @@ for p in $PARTS; do
       --attention auto,diffusers ;;
     testbed) part testbed 90 $PY experiments/testbed_timing.py ;;
     tests) part tests 100 $PY -m pytest -q -p no:cacheprovider -p no:logging tests/test_render.py \
-      tests/test_grid.py tests/test_score.py tests/test_empirical.py tests/test_attention.py ;;
+      tests/test_grid.py tests/test_estimators.py tests/test_empirical.py tests/test_attention.py ;;
     gpu_tests) part gpu_tests 60 $PY -m pytest -q -p no:cacheprovider -p no:logging \
-      tests/test_score.py tests/test_attention.py -k "gpu or cudnn or var_red" ;;
+      tests/test_estimators.py tests/test_attention.py -k "gpu or cudnn or var_red" ;;
     *) part "$(basename "$p" .py)" 100 $PY -m pytest -q -p no:cacheprovider -p no:logging "$p" ;;
   esac
 done

@@ -15,6 +15,10 @@ whole set the unconditional (and negative) one. Each (estimator, scene, seed) li
 grid and is evaluated on the 16 held-out cameras. Every default scene x 3 seeds by default.
 
     PYTHONPATH=. .venv/bin/python experiments/estimators.py --out runs/estimators.md
+
+The rows can be run in separate processes (XLA keeps one CPU core busy per process at these
+sizes) and joined: ``--estimators NAME ... --json part.json`` in each, then ``--merge part1.json
+part2.json --out table.md``.
 """
 
 from __future__ import annotations
@@ -57,7 +61,27 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    parser.add_argument("--merge", nargs="+", default=None, help="join the --json files of parts")
     args = parser.parse_args(argv)
+
+    if args.merge:
+        parts: dict[str, list] = {}
+        for path in args.merge:
+            with open(path) as f:
+                parts.update(json.load(f))
+        results = {name: parts[name] for name in ESTIMATORS if name in parts}
+        scenes = list(dict.fromkeys(r["scene"] for runs in results.values() for r in runs))
+        seeds = sorted({r["seed"] for runs in results.values() for r in runs})
+        steps = {r["steps"] for runs in results.values() for r in runs}
+        text = (
+            f"Estimators on the testbed: {len(scenes)} scenes x {len(seeds)} seeds (seeds "
+            f"{seeds}), {'/'.join(map(str, sorted(steps)))} steps each; mean ± std over all "
+            "lifts. s / lift and steps / s: medians over the lifts of the steps alone.\n\n"
+            + table(results, scenes, seeds, label="estimator")
+            + "\n"
+        )
+        write_report(text, args.out)
+        return
 
     bases, build_seconds = build_bases(args.scenes, args.seeds, args.steps)
     results = {}

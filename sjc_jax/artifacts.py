@@ -1,4 +1,4 @@
-"""The artifacts of a lift: previews, and ``final/`` (grid file, view, videos, mesh).
+"""The artifacts of a lift: previews, and ``final/`` (grid file, view, videos, mesh files).
 
 `Artifacts` renders and writes each of them (compiled once per run, outside the step);
 `Artifacts.parts` lists the writers of ``final/`` so that the run loop can stop between two of
@@ -49,13 +49,16 @@ class Artifacts:
         render_config = config.render_config()
         self._render = jax.jit(lambda grid, cam: render_view(grid, cam, render_config))
 
-    def preview(self, grid, path: Path) -> None:
+    def preview(self, grid, path: Path) -> np.ndarray:
+        """Save the preview (decoded image | depth) as a PNG; returns it ``[H, 2W, 3]``."""
         view = self._render(grid, preview_camera(self.size, self.config.camera.radius))
         rgb = _to_rgb(self.denoiser, np.asarray(view.image)[None])[0]
         depth = export.colorize_depth(np.asarray(view.depth), near=0.3, far=10.0)
         scale = rgb.shape[0] // depth.shape[0]  # the VAE decodes at 8x the latent size
         depth = np.repeat(np.repeat(depth, scale, 0), scale, 1)
-        export.save_png(path, np.concatenate([rgb, depth], axis=1))
+        picture = np.concatenate([rgb, depth], axis=1)
+        export.save_png(path, picture)
+        return picture
 
     def videos(self, grid, final: Path) -> None:
         cams = turntable_path(
@@ -94,7 +97,7 @@ class Artifacts:
             threshold=config.run.mesh_threshold,
             step_ratio=config.render.step_ratio,
         )
-        export.save_mesh(final / "mesh.ply", mesh)
+        export.save_mesh_files(final, mesh)
 
     def grid_file(self, grid, final: Path) -> None:
         save_grid_file(

@@ -264,7 +264,13 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
             out, resume = args.out, False
             config = config_from_args(args)
         summary = runner.run(
-            config, out, resume=resume, steps=steps, progress=not args.no_progress, stop=stop
+            config,
+            out,
+            resume=resume,
+            steps=steps,
+            progress=not args.no_progress,
+            stop=stop,
+            log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
         )
     except runner.Interrupted as err:
         return _fail(str(err), 130)

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from sjc_jax.diffusion.attention import ATTENTION_KINDS
+from sjc_jax.diffusion.numerics import GELU_KINDS
 from sjc_jax.estimators import ESTIMATORS, SCALES, WEIGHTINGS
 from sjc_jax.render import RenderConfig
 
@@ -67,12 +68,17 @@ class ModelConfig:
     revision: str | None = _field(None, "hub revision of the model")
     dtype: str = _field("float32", "UNet compute dtype: float32 or bfloat16")
     attention: str = _field("auto", "UNet attention kernel: auto, diffusers, xla or cudnn")
+    gelu: str = _field(
+        "exact", "UNet GEGLU activation: exact (the original's) or tanh (diffusers')"
+    )
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.gelu not in GELU_KINDS:
+            raise ValueError(f"gelu must be one of {GELU_KINDS}, got {self.gelu!r}")
 
 
 @dataclasses.dataclass(frozen=True)

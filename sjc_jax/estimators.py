@@ -31,6 +31,7 @@ checkpointed with it. A plain estimator is the stateless special case (`as_state
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -159,7 +160,7 @@ def weighting(name: str) -> Callable[[Array], Array]:
 
 
 def _check_scale(name: str, value: float) -> None:
-    if not jnp.isfinite(value) or value < 0:
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 

@@ -1,4 +1,4 @@
-"""Artifacts of a run: pictures, videos, depth maps and meshes.
+"""Artifacts of a run: pictures, videos, depth maps, meshes and the metrics plot.
 
 Host-side numpy code (jax arrays are accepted and copied to the host). Every writer is atomic:
 it writes ``.<name>.<random>.tmp<suffix>`` in the destination directory, fsyncs it and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import imageio.v2 as imageio_v2
@@ -333,4 +334,123 @@ def save_mesh(path: str | os.PathLike, mesh: trimesh.Trimesh) -> Path:
         raise ValueError(f"path must end in .ply or .glb, got {str(path)!r}")
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+    return Path(path)
+
+
+# The files `save_mesh_files` writes into a run's final directory.
+MESH_FILES = ("mesh.ply", "mesh.glb", "mesh.obj", "mesh.mtl", "mesh_texture.png")
+
+
+def save_textured_obj(
+    path: str | os.PathLike, mesh: trimesh.Trimesh, *, resolution: int = 1024
+) -> list[Path]:
+    """Write ``mesh`` as a Wavefront OBJ with a baked texture: ``NAME.obj``, ``NAME.mtl`` and
+    ``NAME_texture.png`` beside it (``path`` is the ``.obj``); returns the three paths.
+
+    The UV atlas is xatlas' (`sjc_jax.texture.uv_atlas`, about ``resolution`` texels a side);
+    the texture interpolates the vertex colours over each triangle. Vertices are split along
+    chart seams, so the OBJ has more vertices than ``mesh`` (same positions, same faces). An
+    empty mesh writes an OBJ without faces and a 1 x 1 texture.
+    """
+    from sjc_jax import texture
+
+    path = Path(path)
+    if path.suffix.lower() != ".obj":
+        raise ValueError(f"path must end in .obj, got {str(path)!r}")
+    mtl, png = path.with_suffix(".mtl"), path.with_name(f"{path.stem}_texture.png")
+    if len(mesh.faces):
+        rgb = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0
+        vmapping, faces, uv, size = texture.uv_atlas(
+            mesh.vertices, mesh.faces, resolution=resolution
+        )
+        image = texture.bake_vertex_colors(uv, faces, rgb[vmapping], size)
+        vertices = np.asarray(mesh.vertices)[vmapping]
+    else:
+        vertices, uv, faces = np.zeros((0, 3)), np.zeros((0, 2)), np.zeros((0, 3), np.int64)
+        image = np.full((1, 1, 3), 0.5)
+    lines = [
+        f"# sjc-jax mesh: {len(vertices)} vertices, {len(faces)} faces",
+        f"mtllib {mtl.name}",
+        "o mesh",
+        *(f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices),
+        *(f"vt {u:.6f} {v:.6f}" for u, v in uv),
+        "usemtl material_0",
+        *(f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in faces + 1),
+    ]
+    material = ["newmtl material_0", "Ka 1 1 1", "Kd 1 1 1", "Ks 0 0 0", "d 1", "illum 1",
+                f"map_Kd {png.name}"]  # fmt: skip
+    save_png(png, image)
+    for target, text in ((mtl, material), (path, lines)):
+        with atomic_path(target) as tmp:
+            tmp.write_text("\n".join(text) + "\n")
+    return [path, mtl, png]
+
+
+def save_mesh_files(final_dir: str | os.PathLike, mesh: trimesh.Trimesh) -> dict[str, Path]:
+    """Write `MESH_FILES` into ``final_dir``: ``mesh.ply`` and ``mesh.glb`` (vertex colours),
+    ``mesh.obj`` + ``mesh.mtl`` + ``mesh_texture.png`` (UV atlas, baked texture).
+
+    Returns ``{file name: path}``.
+    """
+    final = Path(final_dir)
+    paths = [save_mesh(final / "mesh.ply", mesh), save_mesh(final / "mesh.glb", mesh)]
+    paths += save_textured_obj(final / "mesh.obj", mesh)
+    return {p.name: p for p in paths}
+
+
+# Metrics that are not curves (the view label drawn, the finiteness flag).
+_NOT_CURVES = ("step", "label", "finite")
+
+
+def save_metrics_plot(
+    path: str | os.PathLike,
+    records: Sequence[Mapping[str, float]],
+    *,
+    keys: Sequence[str] | None = None,
+) -> Path:
+    """Plot the curves of ``metrics.jsonl`` records (one dict per step, with ``step``) as a PNG.
+
+    One panel per metric (``keys``, default every numeric one but ``step``, ``label`` and
+    ``finite`` that is not constant over the run, in the records' order): the raw values faint,
+    a running mean over about 2 % of the run on top (sigma is random per step in SJC: the mean
+    shows its schedule).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not records:
+        raise ValueError("records is empty: no metrics to plot")
+    if keys is None:
+        numeric = [
+            k
+            for k in dict.fromkeys(k for r in records for k in r)
+            if k not in _NOT_CURVES and isinstance(records[-1].get(k), (int, float))
+        ]
+        if not numeric:
+            raise ValueError("records have no numeric metric besides step")
+        varying = [k for k in numeric if len({r.get(k) for r in records}) > 1]
+        keys = varying or numeric
+    steps = np.array([r.get("step", i) for i, r in enumerate(records)], np.float64)
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    figure = Figure(figsize=(4.0 * cols, 2.6 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    window = max(1, len(records) // 50)
+    for i, key in enumerate(keys):
+        axes = figure.add_subplot(rows, cols, i + 1)
+        values = np.array([float(r.get(key, np.nan)) for r in records])
+        axes.plot(steps, values, color="tab:blue", alpha=0.3 if window > 1 else 1.0, lw=0.8)
+        if window > 1:
+            kernel = np.ones(window) / window
+            valid = np.convolve(np.isfinite(values), kernel, mode="valid")
+            mean = np.convolve(np.nan_to_num(values), kernel, mode="valid") / np.maximum(
+                valid, 1e-9
+            )
+            axes.plot(steps[window - 1 :], mean, color="tab:blue", lw=1.5)
+        axes.set_title(key, fontsize=10)
+        axes.set_xlabel("step", fontsize=8)
+        axes.tick_params(labelsize=8)
+        axes.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
     return Path(path)

@@ -77,6 +77,7 @@ def _build_stable_diffusion(config: SJCConfig) -> Model:
         view_augmentation=config.camera.view_augmentation,
         negative_prompt=m.negative_prompt,
         attention=m.attention,
+        gelu=m.gelu,
     )
     return Model(denoiser=denoiser)
 

@@ -1,8 +1,9 @@
 """The run directory: what belongs in it, the checks made before writing, its lock, its metrics.
 
 A run directory holds only these entries (`ENTRIES`): ``config.json``, ``metrics.jsonl``,
-``previews/``, ``checkpoints/``, ``final/`` and the lock file ``.lock``, plus the leftovers of a
-killed writer (`files.atomic_path` temporaries, an unpublished ``final.tmp-*`` / ``final.old-*``).
+``previews/``, ``checkpoints/``, ``tensorboard/``, ``final/`` and the lock file ``.lock``, plus
+the leftovers of a killed writer (`files.atomic_path` temporaries, an unpublished
+``final.tmp-*`` / ``final.old-*``).
 Anything else makes it someone else's directory, which a run refuses to write into (a model's
 ``unet/`` holds a ``config.json`` too).
 
@@ -39,9 +40,10 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 PREVIEWS = "previews"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
 FINAL = "final"
 LOCK = ".lock"
-ENTRIES = (CONFIG, METRICS, PREVIEWS, CHECKPOINTS, FINAL, LOCK)
+ENTRIES = (CONFIG, METRICS, PREVIEWS, CHECKPOINTS, TENSORBOARD, FINAL, LOCK)
 # Leftovers of a killed writer: `files.atomic_path`'s temporaries, unpublished final/ folders.
 _LEFTOVER_RE = re.compile(r"^(\..+\.[0-9a-f]{12}\.tmp.*|final\.(tmp|old)-\d+)$")
 
@@ -319,6 +321,7 @@ __all__ = [
     "LOCK",
     "METRICS",
     "PREVIEWS",
+    "TENSORBOARD",
     "RunError",
     "RunLock",
     "check_new",

@@ -13,9 +13,11 @@ Two layers:
 
 A run directory (`sjc_jax.rundir`) holds ``config.json`` (nested by section), ``metrics.jsonl``
 (one line per step, each step exactly once), ``previews/`` (a fixed camera every 1 % of the run:
-decoded image and depth), ``checkpoints/`` (`sjc_jax.checkpoint`) and ``final/`` (``grid.npz``,
-``view.png``, ``turntable.mp4``, ``depth.mp4``, ``mesh.ply`` and, when the model kind evaluates,
-``eval.json``; written into ``final.tmp-*`` and renamed, so a ``final/`` is always complete).
+decoded image and depth), ``checkpoints/`` (`sjc_jax.checkpoint`), ``tensorboard/`` (event files
+of the metrics and previews) and ``final/`` (``grid.npz``, ``view.png``, ``turntable.mp4``,
+``depth.mp4``, the mesh as ``mesh.ply``, ``mesh.glb`` and a textured ``mesh.obj``,
+``metrics.png`` and, when the model kind evaluates, ``eval.json``; written into ``final.tmp-*``
+and renamed, so a ``final/`` is always complete).
 
 `run` owns its directory. Everything is validated before anything is written: the directory
 (`rundir.check_new` / `rundir.check_resume`), the config, the model (built first: a bad
@@ -56,12 +58,15 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from sjc_jax import checkpoint, files, interrupts, resources, rundir
+from sjc_jax import checkpoint, export, files, interrupts, resources, rundir
 from sjc_jax.artifacts import Artifacts, clear_unpublished, publish_final, read_eval
 from sjc_jax.config import SJCConfig
+from sjc_jax.devices import accelerator_warning, describe_backend
 from sjc_jax.models import Model, build_model
+from sjc_jax.prompts import short_prompt
 from sjc_jax.rundir import RunError
 from sjc_jax.sjc import TrainState, init_state, make_step, views_mesh
+from sjc_jax.tensorboard import TensorBoardWriter
 
 
 class NonFiniteError(RunError):
@@ -301,6 +306,7 @@ def run(
     progress: bool = True,
     stop_after: int | None = None,
     stop: interrupts.StopRequest | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Lift ``config`` into ``out_dir``; returns a summary dict.
 
@@ -320,6 +326,8 @@ def run(
       stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
       stop: where Ctrl-C / SIGTERM are recorded (`interrupts.StopRequest`, its handlers installed
         by the caller); None installs SIGINT and SIGTERM handlers for the call (main thread).
+      log: receives one-line notes once the run is set up (the JAX backend and devices, a
+        warning when an accelerator goes unused); None = silent.
 
     Raises:
       RunError: the directory, config or resources are unsuitable (nothing was written), or
@@ -369,6 +377,7 @@ def run(
                     progress=progress,
                     stop_after=stop_after,
                     stop=stop,
+                    log=log,
                 )
         except Exception as err:
             if isinstance(err, RunError) or not files.is_disk_full(err):
@@ -394,6 +403,7 @@ def _run_locked(
     progress: bool,
     stop_after: int | None,
     stop: interrupts.StopRequest,
+    log: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     """`run` once the directory is validated and locked."""
     ckpt_dir = out / rundir.CHECKPOINTS
@@ -416,6 +426,11 @@ def _run_locked(
         evaluation = read_eval(out)
         return summary if evaluation is None else {**summary, "eval": evaluation}
 
+    if log is not None:
+        log(describe_backend())
+        warning = accelerator_warning()
+        if warning:
+            log(f"warning: {warning}")
     artifacts = Artifacts(config, denoiser, size)
     end = total if stop_after is None else min(total, start + stop_after)
     t_start = time.perf_counter()
@@ -424,7 +439,7 @@ def _run_locked(
         initial=start,
         disable=not progress,
         dynamic_ncols=True,
-        desc=config.model.prompt or denoiser.name,
+        desc=short_prompt(config.model.prompt) if config.model.prompt else denoiser.name,
     )
     writer = checkpoint.CheckpointWriter(ckpt_dir, keep=config.run.keep_checkpoints)
 
@@ -439,16 +454,21 @@ def _run_locked(
         return stop.requested
 
     preview_every = max(1, total // config.run.num_previews)
-    previews = Hook(
-        preview_every,
-        lambda s: artifacts.preview(s.grid, out / "previews" / f"step_{int(s.step):08d}.png"),
-    )
+    board = TensorBoardWriter(out / rundir.TENSORBOARD, purge_step=start if resume else None)
+
+    def preview(state: TrainState) -> None:
+        step = int(state.step)
+        picture = artifacts.preview(state.grid, out / rundir.PREVIEWS / f"step_{step:08d}.png")
+        board.image(step, "preview", picture)
+
+    previews = Hook(preview_every, preview)
     try:
-        with writer, open(metrics_path, "a") as metrics_file:
+        with writer, board, open(metrics_path, "a") as metrics_file:
 
             def on_metrics(records: list[dict[str, Any]]) -> None:
                 for record in records:
                     metrics_file.write(json.dumps(record) + "\n")
+                    board.scalars(record["step"], record)
                     if not record["finite"]:
                         metrics_file.flush()
                         raise _NonFinite(record["step"])
@@ -498,7 +518,13 @@ def _run_locked(
         evaluation.update(model.evaluate(grid))
         files.write_json(tmp / "eval.json", evaluation)
 
-    parts = artifacts.parts(grid, tmp) + ([write_eval] if model.evaluate is not None else [])
+    def write_metrics_plot() -> None:
+        text = metrics_path.read_text()
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        export.save_metrics_plot(tmp / "metrics.png", records)
+
+    parts = artifacts.parts(grid, tmp) + [write_metrics_plot]
+    parts += [write_eval] if model.evaluate is not None else []
     for part in parts:
         if stop.requested:
             raise Interrupted(

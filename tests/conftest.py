@@ -6,6 +6,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _converted_weights_cache(tmp_path_factory):
+    """Converted PyTorch weights are cached in a temporary directory, never in the user's."""
+    os.environ["SJC_JAX_CACHE"] = str(tmp_path_factory.mktemp("sjc_jax_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_eps(tmp_path_factory):
     """A tiny random Flax SD pipeline (epsilon prediction) on disk."""

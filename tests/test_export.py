@@ -1,4 +1,5 @@
-"""Tests of sjc_jax.export: PNG, video, depth colouring, marching-cubes meshes."""
+"""Tests of sjc_jax.export: PNG, video, depth colouring, marching-cubes meshes, mesh files and
+the metrics plot."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pytest
 import trimesh
 
 from sjc_jax.export import (
+    MESH_FILES,
     colorize_depth,
     default_density_threshold,
     extract_mesh,
     save_mesh,
+    save_mesh_files,
+    save_metrics_plot,
     save_png,
     save_video,
     to_uint8,
@@ -232,3 +236,59 @@ def test_extract_mesh_rejects_bad_arguments():
         extract_mesh(good, colors, threshold=-1.0)
     with pytest.raises(ValueError, match="path"):
         save_mesh("mesh.obj", trimesh.creation.box())
+
+
+def test_mesh_files_round_trip_through_trimesh(tmp_path):
+    aabb = ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0))
+    density, points = _sphere((32, 32, 32), aabb, (0.1, 0.0, -0.1), 0.6)
+    mesh = extract_mesh(density, (points + 1) / 2, aabb=aabb, threshold=250.0)
+    paths = save_mesh_files(tmp_path / "final", mesh)
+    assert sorted(paths) == sorted(MESH_FILES)
+    assert all(p.parent == tmp_path / "final" and p.stat().st_size > 0 for p in paths.values())
+    _no_temporaries(tmp_path / "final")
+    corners = mesh.vertices[mesh.faces]
+    rgb = mesh.visual.vertex_colors[mesh.faces][..., :3].astype(float)
+
+    glb = trimesh.load(paths["mesh.glb"], force="mesh", process=False)
+    np.testing.assert_allclose(glb.vertices[glb.faces], corners, atol=1e-6)
+    np.testing.assert_array_equal(glb.visual.vertex_colors[glb.faces][..., :3], rgb)
+
+    obj = trimesh.load(paths["mesh.obj"], force="mesh", process=False)
+    assert obj.visual.kind == "texture" and obj.visual.material.image is not None
+    np.testing.assert_allclose(obj.vertices[obj.faces], corners, atol=1e-5)  # same triangles
+    assert len(obj.vertices) >= len(mesh.vertices)  # split along chart seams
+    # The texture read back at each vertex's UV gives the vertex colour.
+    sampled = obj.visual.to_color().vertex_colors[obj.faces][..., :3].astype(float)
+    error = np.abs(sampled - rgb)
+    assert error.mean() < 2.0 and np.percentile(error, 99) < 12, (error.mean(), error.max())
+
+
+def test_empty_mesh_files(tmp_path):
+    with pytest.warns(UserWarning, match="no surface"):
+        mesh = extract_mesh(np.zeros((4, 4, 4)), np.zeros((4, 4, 4, 3)))
+    paths = save_mesh_files(tmp_path, mesh)
+    assert sorted(paths) == sorted(MESH_FILES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = trimesh.load(paths["mesh.obj"])
+    assert len(getattr(loaded, "faces", [])) == 0
+    assert imageio.imread(paths["mesh_texture.png"]).shape == (1, 1, 3)
+
+
+def test_metrics_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    records = [
+        {"step": i + 1, "sigma": float(rng.uniform(0.1, 12)), "label": i % 4, "finite": True,
+         "emptiness": 1.0 / (i + 1), "score_norm": float(rng.normal(1, 0.1))}
+        for i in range(300)
+    ]  # fmt: skip
+    path = save_metrics_plot(tmp_path / "metrics.png", records)
+    image = imageio.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 1000  # 3 panels a row
+    assert image[..., :3].std() > 10
+    small = imageio.imread(save_metrics_plot(tmp_path / "one.png", records, keys=["sigma"]))
+    assert small.shape[1] < image.shape[1]
+    with pytest.raises(ValueError, match="records"):
+        save_metrics_plot(tmp_path / "x.png", [])
+    with pytest.raises(ValueError, match="numeric"):
+        save_metrics_plot(tmp_path / "x.png", [{"step": 1, "finite": True}])

@@ -57,7 +57,15 @@ def test_end_to_end_artifacts(tiny_sd_eps, tmp_path):
     assert imageio.imread(final / "depth.mp4", index=None).shape[0] == 4
     mesh = trimesh.load(final / "mesh.ply")
     assert isinstance(mesh, trimesh.Trimesh | trimesh.PointCloud | trimesh.Scene)
+    for name in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh_texture.png"):
+        assert (final / name).is_file(), name
+    assert imageio.imread(final / "metrics.png").ndim == 3
     assert (out / "checkpoints" / "step_00000006").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("score_norm")] == list(range(1, 7))
+    assert len(events.Images("preview")) == 3
 
 
 RESUME_ARGS = dict(steps=40, checkpoint_every=5, video_frames=2, num_previews=2, log_every=1)

@@ -7,7 +7,7 @@ Conventions of this module:
   ``z = x_0 + sigma_t eps`` with ``sigma_t = sqrt((1 - abar_t) / abar_t)``; the table
   ``sigmas [T]`` is ascending in ``t``.
 * ``sigma -> t`` snaps to the nearest table entry (absolute difference), as the original's
-  ``adapt_sd.py`` does, so any positive sigma is accepted.
+  ``adapt_sd.py`` does, so any positive sigma is accepted; `snap_sigma` gives that entry's level.
 * Schedules are pure functions of a key (and of a traced step for the annealed one), so a jitted
   step draws its level without recompiling.
 """
@@ -92,6 +92,16 @@ def sigma_to_timestep(sigmas: Array, sigma: Array) -> Array:
     sigmas = jnp.asarray(sigmas)
     sigma = jnp.asarray(sigma, dtype=sigmas.dtype)
     return jnp.argmin(jnp.abs(sigmas - sigma[..., None]), axis=-1).astype(jnp.int32)
+
+
+def snap_sigma(sigmas: Array, sigma: Array) -> Array:
+    """The nearest table level of each sigma: ``sigmas [T]``, ``sigma [...]`` -> ``[...]``.
+
+    ``sigmas[sigma_to_timestep(sigmas, sigma)]`` in the table's dtype; jittable. The original
+    snaps sigma so, and uses the snapped level everywhere the model sees it.
+    """
+    sigmas = jnp.asarray(sigmas)
+    return sigmas[sigma_to_timestep(sigmas, sigma)]
 
 
 def check_timestep_bounds(t_min: int, t_max: int, num_timesteps: int) -> None:

