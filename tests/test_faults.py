@@ -220,7 +220,9 @@ def check_output(result: Result, out: Path, expect: set[int]) -> list[str]:
             problems.append(f"{bad!r} on stderr")
     lines = error_lines(text)
     errors = [x for x in lines if x.startswith("sjc_jax: error:")]
-    others = [x for x in lines if not x.startswith(("sjc_jax: error:", "sjc_jax: warning:"))]
+    # Besides errors and warnings a run prints one note, the backend line (describe_backend).
+    notes = ("sjc_jax: error:", "sjc_jax: warning:", "sjc_jax: JAX ")
+    others = [x for x in lines if not x.startswith(notes)]
     if result.rc == -signal.SIGKILL:
         return problems + ([f"stray lines {others}"] if others else [])
     if others:

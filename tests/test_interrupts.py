@@ -59,6 +59,9 @@ def test_a_request_raised_where_python_cannot_raise_is_not_printed():
         import gc, signal
         from sjc_jax import interrupts
 
+        # A shell that starts us in the background ignores SIGINT; this test needs it delivered.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
         stop = interrupts.StopRequest()
         interrupts.install(stop)
 
