@@ -9,19 +9,48 @@ The core, re-exported here: the scene (`VoxelGrid`, `init_grid`), cameras (`Came
 `sjc_jax.diffusion` (imported on demand: it pulls in diffusers and transformers).
 """
 
-from sjc_jax.camera import Camera, generate_rays, make_camera, sample_training_cameras
-from sjc_jax.config import SJCConfig
-from sjc_jax.grid import VoxelGrid, init_grid
-from sjc_jax.render import (
-    RenderConfig,
-    RenderOutput,
-    RenderView,
-    ViewBatch,
-    render_cameras,
-    render_rays,
-    render_view,
-)
-from sjc_jax.sjc import TrainState, init_state, make_step
+import importlib
+
+# Where each re-exported name lives. Resolved on first use (PEP 562), so that importing the
+# package (``python -m sjc_jax`` does) is instant and the command line can install its Ctrl-C
+# handling before JAX loads; ``from sjc_jax import SJCConfig`` works as usual.
+_EXPORTS = {
+    "Camera": "sjc_jax.camera",
+    "generate_rays": "sjc_jax.camera",
+    "make_camera": "sjc_jax.camera",
+    "sample_training_cameras": "sjc_jax.camera",
+    "SJCConfig": "sjc_jax.config",
+    "VoxelGrid": "sjc_jax.grid",
+    "init_grid": "sjc_jax.grid",
+    "RenderConfig": "sjc_jax.render",
+    "RenderOutput": "sjc_jax.render",
+    "RenderView": "sjc_jax.render",
+    "ViewBatch": "sjc_jax.render",
+    "render_cameras": "sjc_jax.render",
+    "render_rays": "sjc_jax.render",
+    "render_view": "sjc_jax.render",
+    "TrainState": "sjc_jax.sjc",
+    "init_state": "sjc_jax.sjc",
+    "make_step": "sjc_jax.sjc",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

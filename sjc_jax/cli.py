@@ -2,8 +2,10 @@
 name: ``--lr``, ``--estimator``) and ``python -m sjc_jax bench``.
 
 Every bad input ends as one line on stderr and exit code 2 (never a traceback); a non-finite grid
-exits 1 keeping the last good checkpoint; an interruption (Ctrl-C, SIGTERM) checkpoints and exits
-130 with the ``--resume`` command to continue.
+or a full disk exits 1 keeping the last good checkpoint; an interruption (Ctrl-C, SIGTERM)
+finishes the step in flight, checkpoints it and exits 130 with the ``--resume`` command to
+continue. SIGINT and SIGTERM are routed to a `sjc_jax.interrupts.StopRequest` before anything
+heavy is imported, so no path prints a traceback.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import types
 import typing
 import warnings
 from typing import Any
+
+from sjc_jax import interrupts
 
 PROG = "sjc_jax"
 
@@ -78,6 +81,26 @@ def _config_fields():
 RESUME_FLAGS = ("steps",)
 
 
+def _default_text(field: dataclasses.Field, preset: dict[str, Any] | None, model: str) -> str:
+    """``(default X)``, or both defaults where the default model's preset differs."""
+    if preset is None or preset[field.name] == field.default:
+        return f"(default {field.default!r})"
+    return (
+        f"(default {preset[field.name]!r} with --model {model}, {field.default!r} with a "
+        "diffusion model)"
+    )
+
+
+def _preset_of_default_model() -> tuple[dict[str, Any] | None, str]:
+    """The flat preset of the default ``--model`` (the testbed's), and that model's name."""
+    from sjc_jax.config import ModelConfig
+    from sjc_jax.models import kind_of
+
+    model = ModelConfig().model
+    kind = kind_of(model)
+    return (kind.preset().to_flat() if kind.preset is not None else None), model
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Score Jacobian Chaining in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -87,16 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every field of the run config is a flag. Defaults are the original SJC's "
         "for diffusion models; --model testbed (the default) starts from the testbed preset.",
     )
-    run.add_argument("--out", help="run directory (created; must not hold another run)")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    run.add_argument(
+        "--out", help="run directory (created; must be missing or empty, and is locked while used)"
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its newest usable checkpoint (with --steps N: extend "
+        "it to N steps; no other flag)",
+    )
     run.add_argument(
         "--config", metavar="FILE", help="start from a config file (e.g. a run's config.json)"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    preset, default_model = _preset_of_default_model()
     for cls, field, tp in _config_fields():
         flag = "--" + field.name.replace("_", "-")
         kind, is_bool = _field_parser(tp)
-        help_text = f"{field.metadata['help']} (default {field.default!r})"
+        help_text = f"{field.metadata['help']} {_default_text(field, preset, default_model)}"
         group = f"{cls.__doc__.splitlines()[0]}"
         if is_bool:
             run.add_argument(
@@ -156,28 +187,46 @@ def config_from_args(args: argparse.Namespace):
     return SJCConfig.flat(**given)
 
 
-def _install_sigterm() -> None:
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    lines = str(message).strip().splitlines() or [category.__name__]
+    print(f"{PROG}: warning: {lines[0]}", file=sys.stderr)  # one line each, as errors
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    *,
+    stop: interrupts.StopRequest | None = None,
+    restore: typing.Callable[[], None] | None = None,
+) -> int:
+    """The command line; ``stop`` (with its handlers' ``restore``) when already installed.
+
+    Ctrl-C / SIGTERM are requests (`sjc_jax.interrupts`) that `runner.run` serves; nothing
+    raises mid-import. ``python -m sjc_jax`` installs them before importing this module.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.showwarning = _show_warning
+    if stop is not None:
+        return _main(argv, stop, restore or (lambda: None))
+    stop = interrupts.StopRequest()
+    restore = interrupts.install(stop)
+    try:  # called in-process (tests, scripts): the caller's handlers come back afterwards
+        return _main(argv, stop, restore)
+    finally:
+        restore()
+
+
+def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     if args.command == "bench":
-        from sjc_jax.bench import run_bench
-
+        restore()  # a benchmark writes nothing: Ctrl-C just stops it
         try:
+            if stop.requested:
+                raise KeyboardInterrupt
+            from sjc_jax.bench import run_bench
+
             result = run_bench(
                 repeats=args.repeats,
                 parts=tuple(args.parts.split(",")),
@@ -190,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
         except ValueError as err:
             return _fail(str(err))
+        except KeyboardInterrupt:
+            return _fail("bench interrupted", 130)
         return 0
     from sjc_jax import runner
 
@@ -212,15 +263,23 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail("run needs --out DIR (or --resume DIR)")
             out, resume = args.out, False
             config = config_from_args(args)
-        _install_sigterm()
-        summary = runner.run(config, out, resume=resume, steps=steps, progress=not args.no_progress)
-    except runner.NonFiniteError as err:
-        return _fail(str(err), 1)
+        summary = runner.run(
+            config,
+            out,
+            resume=resume,
+            steps=steps,
+            progress=not args.no_progress,
+            stop=stop,
+            log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
+        )
     except runner.Interrupted as err:
         return _fail(str(err), 130)
-    except KeyboardInterrupt:
-        return _fail("interrupted before the first step; nothing to resume", 130)
+    except (runner.NonFiniteError, runner.DiskFullError) as err:
+        return _fail(str(err), 1)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}", 1)
     print(json.dumps(summary))
     return 0

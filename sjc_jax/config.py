@@ -225,7 +225,7 @@ class RunSettings:
     """Length, seed, batch and the artifacts of a run."""
 
     steps: int = _field(10000, "optimisation steps")
-    seed: int = _field(0, "the whole run is reproducible from it")
+    seed: int = _field(0, "the whole run is reproducible from it; in [0, 2**32)")
     views_per_step: int = _field(1, "views rendered and scored per step (1 = the original)")
     num_previews: int = _field(100, "preview images over the run")
     checkpoint_every: int = _field(1000, "steps between checkpoints (and one at the end)")
@@ -249,8 +249,10 @@ class RunSettings:
         )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not -(2**63) <= self.seed < 2**63:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        # jax.random.key keeps only a seed's low 32 bits (without x64): 2**32 would be seed 0
+        # again, -1 seed 2**32 - 1, and above 2**63 it raises.
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
         if self.mesh_threshold is not None:
             _check_finite(self, ("mesh_threshold",), low=0.0)
 

@@ -4,23 +4,42 @@ Two layers:
 
 * `run_loop` is generic: it steps a state with any jitted step function, fetches metrics every
   ``log_every`` steps (the loop's only host syncs), checkpoints every ``checkpoint_every`` steps
-  and at the end, and calls hooks (``every`` steps, with the state) for everything else.
+  and at the end, calls hooks (``every`` steps, with the state) for everything else, and serves a
+  stop request between steps.
 * `run` is the lift of one config into a run directory: it builds the model through its kind
   (`sjc_jax.models`), the step with the research choices given as values (an ``estimator=``
   passed here reaches `sjc.make_step` unchanged), and the hooks of the artifacts (previews,
   final grid, videos, mesh, the model kind's evaluation).
 
-A run directory holds ``config.json`` (written first; nested by section), ``metrics.jsonl`` (one
-line per step), ``previews/`` (a fixed camera every 1 % of the run: decoded image and depth),
-``checkpoints/`` (atomic), ``tensorboard/`` (event files of the metrics and previews) and
-``final/`` (``grid.npz``, ``view.png``, ``turntable.mp4``, ``depth.mp4``, the mesh as
-``mesh.ply``, ``mesh.glb`` and a textured ``mesh.obj``, ``metrics.png`` and, when the model kind
-evaluates, ``eval.json``).
+A run directory (`sjc_jax.rundir`) holds ``config.json`` (nested by section), ``metrics.jsonl``
+(one line per step, each step exactly once), ``previews/`` (a fixed camera every 1 % of the run:
+decoded image and depth), ``checkpoints/`` (`sjc_jax.checkpoint`), ``tensorboard/`` (event files
+of the metrics and previews) and ``final/`` (``grid.npz``, ``view.png``, ``turntable.mp4``,
+``depth.mp4``, the mesh as ``mesh.ply``, ``mesh.glb`` and a textured ``mesh.obj``,
+``metrics.png`` and, when the model kind evaluates, ``eval.json``; written into ``final.tmp-*``
+and renamed, so a ``final/`` is always complete).
 
-A non-finite grid stops the run with `NonFiniteError`; only finite states are ever checkpointed,
-so the last checkpoint stays good. Ctrl-C writes a checkpoint of the last completed step and
-raises `Interrupted`. `run(..., resume=True)` continues from the latest checkpoint and ends with
-the same grid as an uninterrupted run (the step is a pure function of the train state).
+`run` owns its directory. Everything is validated before anything is written: the directory
+(`rundir.check_new` / `rundir.check_resume`), the config, the model (built first: a bad
+``--scene`` or model path fails here) and the memory the run needs (`sjc_jax.resources`). Only
+then is the directory created and locked (`rundir.RunLock`, for the run's lifetime) and
+``config.json`` written.
+
+Faults:
+
+* Ctrl-C / SIGTERM (`sjc_jax.interrupts`): the step in flight finishes, metrics are flushed up to
+  it, one checkpoint of it is written, and `Interrupted` is raised once the write has ended
+  (further signals wait for it). During the final artifacts the run stops between two of them;
+  the checkpoint of the last step exists already.
+* A non-finite grid raises `NonFiniteError`; only finite states are checkpointed, so the last
+  checkpoint stays good.
+* A full disk raises `DiskFullError`; a checkpoint becomes visible only once complete and old
+  ones are pruned only after a new one is, so the last good checkpoint is kept.
+* Resume (`run(..., resume=True)`) restores the newest checkpoint that passes validation (it is
+  read whole, and must hold its own step and a finite grid), moving unusable ones aside with one
+  warning line; with none usable, the run restarts from step 0 (a run is a pure function of its
+  seed). ``metrics.jsonl`` is cut back to the restored step. The final grid is bitwise that of an
+  uninterrupted run.
 """
 
 from __future__ import annotations
@@ -36,27 +55,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sjc_jax import checkpoint, export, files
-from sjc_jax.camera import Camera, make_camera, sjc_eye, turntable_path
+from sjc_jax import checkpoint, export, files, interrupts, resources, rundir
+from sjc_jax.artifacts import Artifacts, clear_unpublished, publish_final, read_eval
 from sjc_jax.config import SJCConfig
 from sjc_jax.devices import accelerator_warning, describe_backend
-from sjc_jax.diffusion.denoiser import Denoiser
-from sjc_jax.grid import activate_density
-from sjc_jax.grid_io import save_grid_file
 from sjc_jax.models import Model, build_model
 from sjc_jax.prompts import short_prompt
-from sjc_jax.render import render_view
+from sjc_jax.rundir import RunError
 from sjc_jax.sjc import TrainState, init_state, make_step, views_mesh
 from sjc_jax.tensorboard import TensorBoardWriter
-from sjc_jax.testbed.scenes import render_views
-
-
-class RunError(ValueError):
-    """A run cannot start or go on (bad output directory, nothing to resume, ...)."""
 
 
 class NonFiniteError(RunError):
@@ -64,7 +74,11 @@ class NonFiniteError(RunError):
 
 
 class Interrupted(RunError):
-    """The run was interrupted (Ctrl-C / SIGTERM); a checkpoint of its state was written."""
+    """The run was interrupted (Ctrl-C / SIGTERM); a checkpoint of its last step was written."""
+
+
+class DiskFullError(RunError):
+    """A write failed for lack of space; the last good checkpoint is kept."""
 
 
 def config_to_dict(config: SJCConfig) -> dict[str, Any]:
@@ -78,20 +92,6 @@ def config_from_dict(values: dict[str, Any]) -> SJCConfig:
         return SJCConfig.from_dict(values)
     except (ValueError, TypeError) as err:
         raise RunError(f"bad config: {err}") from None
-
-
-def prepare_output(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` and check it is writable (one clear error otherwise)."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise RunError(f"cannot write to output directory {str(out)!r}: {reason}") from None
-    return out
 
 
 # --- the generic loop ------------------------------------------------------------------------
@@ -122,6 +122,7 @@ def run_loop(
     on_metrics: Callable[[list[dict[str, Any]]], None],
     hooks: Sequence[Hook] = (),
     bar: Any = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainState:
     """Step ``state`` up to step ``end``; returns the last state.
 
@@ -132,16 +133,20 @@ def run_loop(
       end: the step count to stop at.
       log_every: metrics are fetched from the device every this many steps and at the end.
       checkpoint_every: ``save(state)`` every this many steps and at the end.
-      save: writes a checkpoint of a state (called with metrics fetched up to it).
+      save: writes a checkpoint of a state (called with metrics fetched up to it, before the
+        next step donates the state).
       on_metrics: receives the fetched records ``{"step": i, name: float, ...}`` in order; raise
         in it to stop the loop (e.g. `NonFiniteError`).
       hooks: called after their steps, in order.
       bar: a tqdm bar to advance, or None.
+      should_stop: asked after every step (and once before the first); when it answers True the
+        loop flushes the metrics, saves the state (unless just saved) and raises `Interrupted`.
 
     Raises:
-      Interrupted: on KeyboardInterrupt, after saving the last completed step.
+      Interrupted: when ``should_stop()``, after the metrics and the save of the last step.
     """
     pending: list[tuple[int, dict]] = []
+    stop = should_stop or (lambda: False)
 
     def flush() -> None:
         fetched = jax.device_get(pending)
@@ -149,125 +154,30 @@ def run_loop(
         if fetched:
             on_metrics([{"step": i, **{k: v.item() for k, v in m.items()}} for i, m in fetched])
 
-    try:
-        for i in range(int(state.step), end):
-            state, metrics = step_fn(state, params)
-            pending.append((i + 1, metrics))
-            if bar is not None:
-                bar.update()
-            done = i + 1
-            if done % log_every == 0 or done == end:
-                flush()
-            for hook in hooks:
-                if done % hook.every == 0:
-                    hook.fn(state)
-            if done % checkpoint_every == 0 or done == end:
-                flush()
+    start = int(state.step)
+    if start < end and stop():
+        raise Interrupted(f"interrupted at step {start}")
+    for i in range(start, end):
+        state, metrics = step_fn(state, params)
+        done = i + 1
+        pending.append((done, metrics))
+        if bar is not None:
+            bar.update()
+        if done % log_every == 0 or done == end:
+            flush()
+        for hook in hooks:
+            if done % hook.every == 0:
+                hook.fn(state)
+        saved = done % checkpoint_every == 0 or done == end
+        if saved:
+            flush()
+            save(state)
+        if done < end and stop():
+            flush()
+            if not saved:
                 save(state)
-    except KeyboardInterrupt:
-        flush()
-        save(state)
-        raise Interrupted(f"interrupted at step {int(state.step)}") from None
+            raise Interrupted(f"interrupted at step {done}")
     return state
-
-
-# --- the artifacts of a lift ----------------------------------------------------------------
-
-
-def preview_camera(size: int, radius: float) -> Camera:
-    """The fixed preview view: between front and side, 20 deg above the horizon, fov 60."""
-    eye = sjc_eye(jnp.deg2rad(30.0), jnp.deg2rad(70.0), radius)
-    return make_camera(eye, fov_x_deg=60.0, height=size, width=size)
-
-
-def _to_rgb(denoiser: Denoiser, images: np.ndarray) -> np.ndarray:
-    """Model-space images ``[B, H, W, C]`` -> displayable RGB in [0, 1]."""
-    return np.asarray(denoiser.decode(jnp.asarray(images)), np.float32)
-
-
-class Artifacts:
-    """Previews, videos and meshes of a lift (compiled once per run, outside the step)."""
-
-    def __init__(self, config: SJCConfig, denoiser: Denoiser, size: int):
-        self.config, self.denoiser, self.size = config, denoiser, size
-        render_config = config.render_config()
-        self._render = jax.jit(lambda grid, cam: render_view(grid, cam, render_config))
-
-    def preview(self, grid, path: Path) -> np.ndarray:
-        """Save the preview (decoded image | depth) as a PNG; returns it ``[H, 2W, 3]``."""
-        view = self._render(grid, preview_camera(self.size, self.config.camera.radius))
-        rgb = _to_rgb(self.denoiser, np.asarray(view.image)[None])[0]
-        depth = export.colorize_depth(np.asarray(view.depth), near=0.3, far=10.0)
-        scale = rgb.shape[0] // depth.shape[0]  # the VAE decodes at 8x the latent size
-        depth = np.repeat(np.repeat(depth, scale, 0), scale, 1)
-        picture = np.concatenate([rgb, depth], axis=1)
-        export.save_png(path, picture)
-        return picture
-
-    def videos(self, grid, final: Path) -> None:
-        cams = turntable_path(
-            num_frames=self.config.run.video_frames,
-            radius=self.config.camera.radius,
-            height=self.size,
-            width=self.size,
-        )
-        images, depths, _ = render_views(grid, cams, self.config.render_config(), chunk_size=10)
-        rgb = np.concatenate(
-            [
-                _to_rgb(self.denoiser, np.asarray(images[i : i + 10]))
-                for i in range(0, len(images), 10)
-            ]
-        )
-        export.save_video(final / "turntable.mp4", rgb)
-        depths = export.colorize_depth(np.asarray(depths), near=0.3, far=10.0)
-        export.save_video(final / "depth.mp4", depths)
-
-    def mesh(self, grid, final: Path) -> None:
-        config = self.config
-        density = np.asarray(
-            activate_density(grid.density, grid.density_scale, config.render.density_shift)
-        )
-        feats = np.asarray(grid.features)
-        if self.denoiser.feature_space == "rgb":
-            colors = np.clip(feats, 0.0, 1.0)
-        else:
-            from sjc_jax.diffusion.stable_diffusion import latent_to_rgb_approx
-
-            colors = np.asarray(latent_to_rgb_approx(feats))
-        mesh = export.extract_mesh(
-            density,
-            colors,
-            aabb=config.render_config().aabb,
-            threshold=config.run.mesh_threshold,
-            step_ratio=config.render.step_ratio,
-        )
-        export.save_mesh_files(final, mesh)
-
-    def final(self, grid, final: Path) -> None:
-        """``final/``: grid file, view, videos and mesh files."""
-        final.mkdir(exist_ok=True)
-        save_grid_file(
-            final / "grid.npz",
-            grid,
-            aabb=self.config.render_config().aabb,
-            feature_space=self.denoiser.feature_space,
-        )
-        self.preview(grid, final / "view.png")
-        self.videos(grid, final)
-        self.mesh(grid, final)
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past ``last_step`` (written after the checkpoint a resume starts from)."""
-    if not path.exists():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
-    with files.atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def _mesh_for(config: SJCConfig):
@@ -280,6 +190,105 @@ def _mesh_for(config: SJCConfig):
             stacklevel=3,
         )
     return mesh
+
+
+# --- the run directory -----------------------------------------------------------------------
+
+
+def _planned_config(
+    config: SJCConfig | None, out: Path, *, resume: bool, steps: int | None, locked: bool = False
+) -> tuple[SJCConfig, bool]:
+    """The run's config and whether ``config.json`` must be (re)written; checks, writes nothing."""
+    if not resume:
+        if config is None:
+            raise RunError("a new run needs a config (config=None only with resume=True)")
+        rundir.check_new(out, locked=locked)
+        return config, True
+    rundir.check_resume(out, locked=locked)
+    try:
+        values = json.loads((out / rundir.CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"bad config: cannot read {str(out / rundir.CONFIG)!r}: {err}") from None
+    saved = config_from_dict(values)
+    if steps is None or steps == saved.run.steps:
+        return saved, False
+    taken = checkpoint.latest_step(out / rundir.CHECKPOINTS) or 0
+    if isinstance(steps, int) and 0 < steps < taken:
+        raise RunError(f"--steps {steps} is below the {taken} steps already taken")
+    try:
+        return saved.replace(steps=steps), True
+    except ValueError as err:
+        raise RunError(str(err)) from None
+
+
+def _check_memory(config: SJCConfig, model: Model, size: int, state_kwargs: dict, mesh) -> None:
+    """Refuse (one line) a run whose grid, optimiser state and step cannot fit on the device."""
+    denoiser = model.denoiser
+    shapes = jax.eval_shape(
+        lambda: init_state(config, denoiser.channels, background=model.background, **state_kwargs)
+    )
+    device = jax.devices()[0]
+    needed = resources.estimate(
+        config,
+        shapes,
+        channels=denoiser.channels,
+        image_size=size,
+        devices=1 if mesh is None else mesh.size,
+    )
+    resources.check_fits(
+        needed,
+        available=resources.available_bytes(device),
+        resolution=config.render.grid_resolution,
+        where=f"{device.platform} device" if device.platform != "cpu" else "host",
+    )
+
+
+def _interrupted_before(out: Path, resume: bool) -> str:
+    if resume:
+        return f"interrupted before continuing; continue with --resume {str(out)!r}"
+    return "interrupted before the first step; nothing was written"
+
+
+def _resume_hint(out: Path) -> str:
+    return f"continue with --resume {str(out)!r}"
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    step = checkpoint.latest_step(ckpt_dir)
+    if step is None:
+        return "no checkpoint was written before it"
+    return f"the last good checkpoint (step {step}) is kept in {str(ckpt_dir)!r}"
+
+
+def _restore(ckpt_dir: Path, state: TrainState) -> TrainState:
+    """The newest usable checkpoint (one warning line if others were moved aside), or ``state``."""
+    skipped: list[str] = []
+
+    def check(step: int, restored: TrainState) -> None:
+        if int(restored.step) != step:
+            raise checkpoint.UnusableCheckpoint(
+                f"the checkpoint of step {step} holds step {int(restored.step)}"
+            )
+        if not _is_finite(restored.grid):
+            raise checkpoint.UnusableCheckpoint(f"the checkpoint of step {step} is not finite")
+
+    def on_unusable(step: int, reason: str, moved: Path) -> None:
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        skipped.append(f"{reason}, moved to {str(moved)!r}")
+
+    step, restored = checkpoint.restore_latest_usable(
+        ckpt_dir, state, check=check, on_unusable=on_unusable
+    )
+    if skipped:
+        start = f"from step {step}" if step is not None else "from step 0 (no usable checkpoint)"
+        warnings.warn(f"resuming {start}: {'; '.join(skipped)}", stacklevel=3)
+    return state if restored is None else restored
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
 
 
 def run(
@@ -296,14 +305,16 @@ def run(
     steps: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    stop: interrupts.StopRequest | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Lift ``config`` into ``out_dir``; returns a summary dict.
 
     Args:
       config: the run's settings (None with ``resume``: the ones saved in ``out_dir`` are used).
-      out_dir: the run directory.
-      resume: continue the run in ``out_dir`` from its latest checkpoint.
+      out_dir: the run directory: new (missing or empty) unless ``resume``.
+      resume: continue the run in ``out_dir`` from its newest usable checkpoint (from step 0 if
+        it has none); a finished run only gets its missing ``final/`` written.
       steps: with ``resume``, a new total step count (at least the steps already taken): extends
         a finished or interrupted run; ``config.json`` is updated. Schedules that depend on the
         run's length (the emptiness ramp, annealed sigma) follow the new total from here on.
@@ -313,67 +324,114 @@ def run(
         given the same values.
       progress: show a tqdm bar.
       stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
+      stop: where Ctrl-C / SIGTERM are recorded (`interrupts.StopRequest`, its handlers installed
+        by the caller); None installs SIGINT and SIGTERM handlers for the call (main thread).
       log: receives one-line notes once the run is set up (the JAX backend and devices, a
         warning when an accelerator goes unused); None = silent.
-    """
-    out = prepare_output(out_dir)
-    config_path = out / "config.json"
-    ckpt_dir = out / "checkpoints"
-    if resume:
-        if not config_path.exists():
-            raise RunError(f"nothing to resume in {str(out)!r}: no config.json")
-        saved = config_from_dict(json.loads(config_path.read_text()))
-        if checkpoint.latest_step(ckpt_dir) is None:
-            raise RunError(f"nothing to resume in {str(out)!r}: no checkpoint yet")
-        if steps is not None and steps != saved.run.steps:
-            taken = checkpoint.latest_step(ckpt_dir)
-            if steps < taken:
-                raise RunError(f"--steps {steps} is below the {taken} steps already taken")
-            saved = saved.replace(steps=steps)
-            files.write_json(config_path, config_to_dict(saved))
-        config = saved
-    else:
-        if checkpoint.latest_step(ckpt_dir) is not None:
-            raise RunError(
-                f"{str(out)!r} already holds a run; continue it with --resume {str(out)!r} or "
-                "choose another --out"
-            )
-        files.write_json(config_path, config_to_dict(config))
-    (out / "previews").mkdir(exist_ok=True)
 
-    model = build_model(config) if model is None else model
+    Raises:
+      RunError: the directory, config or resources are unsuitable (nothing was written), or
+        `Interrupted`, `NonFiniteError`, `DiskFullError` (the run can be resumed).
+      ValueError: a bad model, scene or research choice (nothing was written).
+    """
+    out = Path(out_dir)
+    with interrupts.handling(stop) as stop:
+        try:
+            with stop.immediately():
+                config, write_config = _planned_config(config, out, resume=resume, steps=steps)
+                model = build_model(config) if model is None else model
+                size = config.render.image_size or model.denoiser.resolution
+                state_kwargs = dict(
+                    optimizer=optimizer, estimator=estimator, denoiser=model.denoiser
+                )
+                mesh = _mesh_for(config)
+                _check_memory(config, model, size, state_kwargs, mesh)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_before(out, resume)) from None
+        if stop.requested:  # raised inside the block and swallowed by a library
+            raise Interrupted(_interrupted_before(out, resume))
+        try:
+            with rundir.RunLock(out):
+                # Checked again under the lock: another run may have started here meanwhile.
+                again, _ = _planned_config(
+                    None if resume else config, out, resume=resume, steps=steps, locked=True
+                )
+                if again != config:
+                    raise RunError(f"{str(out)!r} changed while this run was starting; try again")
+                return _run_locked(
+                    config,
+                    out,
+                    write_config=write_config,
+                    resume=resume,
+                    model=model,
+                    size=size,
+                    mesh=mesh,
+                    state_kwargs=state_kwargs,
+                    make_step_kwargs=dict(
+                        estimator=estimator,
+                        camera_sampler=camera_sampler,
+                        sigma_sampler=sigma_sampler,
+                        regularizers=regularizers,
+                        optimizer=optimizer,
+                    ),
+                    progress=progress,
+                    stop_after=stop_after,
+                    stop=stop,
+                    log=log,
+                )
+        except Exception as err:
+            if isinstance(err, RunError) or not files.is_disk_full(err):
+                raise
+            then = _resume_hint(out) if (out / rundir.CONFIG).is_file() else "run it again"
+            raise DiskFullError(
+                f"no space left on the device of {str(out)!r}; "
+                f"{_last_good(out / rundir.CHECKPOINTS)}; free some space and {then}"
+            ) from None
+
+
+def _run_locked(
+    config: SJCConfig,
+    out: Path,
+    *,
+    write_config: bool,
+    resume: bool,
+    model: Model,
+    size: int,
+    mesh,
+    state_kwargs: dict,
+    make_step_kwargs: dict,
+    progress: bool,
+    stop_after: int | None,
+    stop: interrupts.StopRequest,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """`run` once the directory is validated and locked."""
+    ckpt_dir = out / rundir.CHECKPOINTS
+    metrics_path = out / rundir.METRICS
+    if write_config:
+        files.write_json(out / rundir.CONFIG, config_to_dict(config))
+    (out / rundir.PREVIEWS).mkdir(exist_ok=True)
+
     denoiser = model.denoiser
-    size = config.render.image_size or denoiser.resolution
-    state = init_state(
-        config,
-        denoiser.channels,
-        background=model.background,
-        optimizer=optimizer,
-        estimator=estimator,
-        denoiser=denoiser,
-    )
-    step_fn = make_step(
-        config,
-        denoiser,
-        estimator=estimator,
-        camera_sampler=camera_sampler,
-        sigma_sampler=sigma_sampler,
-        regularizers=regularizers,
-        optimizer=optimizer,
-        mesh=_mesh_for(config),
-    )
-    metrics_path = out / "metrics.jsonl"
+    state = init_state(config, denoiser.channels, background=model.background, **state_kwargs)
+    step_fn = make_step(config, denoiser, mesh=mesh, **make_step_kwargs)
     if resume:
-        state = checkpoint.restore_checkpoint(ckpt_dir, state)
-        _truncate_metrics(metrics_path, int(state.step))
+        state = _restore(ckpt_dir, state)
+        rundir.truncate_metrics(metrics_path, int(state.step))
+    total = config.run.steps
+    start = int(state.step)
+    resumed = {"resumed_from": start} if resume else {}
+    if start == total and (out / rundir.FINAL).is_dir():
+        summary = {"steps": total, "seconds": 0.0, "out": str(out), **resumed, "finished": True}
+        evaluation = read_eval(out)
+        return summary if evaluation is None else {**summary, "eval": evaluation}
+
     if log is not None:
         log(describe_backend())
         warning = accelerator_warning()
         if warning:
             log(f"warning: {warning}")
     artifacts = Artifacts(config, denoiser, size)
-    total = config.run.steps
-    start = int(state.step)
     end = total if stop_after is None else min(total, start + stop_after)
     t_start = time.perf_counter()
     bar = tqdm(
@@ -383,45 +441,46 @@ def run(
         dynamic_ncols=True,
         desc=short_prompt(config.model.prompt) if config.model.prompt else denoiser.name,
     )
-    board = TensorBoardWriter(out / "tensorboard", purge_step=start if resume else None)
+    writer = checkpoint.CheckpointWriter(ckpt_dir, keep=config.run.keep_checkpoints)
 
     def save(state: TrainState) -> None:
         if not _is_finite(state.grid):
             return
         step = int(state.step)
-        if checkpoint.latest_step(ckpt_dir) != step:
-            checkpoint.save_checkpoint(ckpt_dir, step, state, keep=config.run.keep_checkpoints)
+        if not checkpoint.is_complete(checkpoint.step_directory(ckpt_dir, step)):
+            writer.save(step, state)
 
-    with open(metrics_path, "a") as metrics_file, board:
+    def should_stop() -> bool:
+        return stop.requested
 
-        def on_metrics(records: list[dict[str, Any]]) -> None:
-            for record in records:
-                metrics_file.write(json.dumps(record) + "\n")
-                board.scalars(record["step"], record)
-                if not record["finite"]:
-                    metrics_file.flush()
-                    raise NonFiniteError(
-                        f"the grid became non-finite at step {record['step']}; the last good "
-                        f"checkpoint is in {str(ckpt_dir)!r} (try a lower --lr)"
-                    )
-            metrics_file.flush()
-            last = records[-1]
-            bar.set_postfix(
-                sigma=f"{last['sigma']:.3f}",
-                empty=f"{last.get('emptiness', 0.0):.4f}",
-                opacity=f"{last['opacity']:.3f}",
-                refresh=False,
-            )
+    preview_every = max(1, total // config.run.num_previews)
+    board = TensorBoardWriter(out / rundir.TENSORBOARD, purge_step=start if resume else None)
 
-        preview_every = max(1, total // config.run.num_previews)
+    def preview(state: TrainState) -> None:
+        step = int(state.step)
+        picture = artifacts.preview(state.grid, out / rundir.PREVIEWS / f"step_{step:08d}.png")
+        board.image(step, "preview", picture)
 
-        def preview(state: TrainState) -> None:
-            step = int(state.step)
-            picture = artifacts.preview(state.grid, out / "previews" / f"step_{step:08d}.png")
-            board.image(step, "preview", picture)
+    previews = Hook(preview_every, preview)
+    try:
+        with writer, board, open(metrics_path, "a") as metrics_file:
 
-        previews = Hook(preview_every, preview)
-        try:
+            def on_metrics(records: list[dict[str, Any]]) -> None:
+                for record in records:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    board.scalars(record["step"], record)
+                    if not record["finite"]:
+                        metrics_file.flush()
+                        raise _NonFinite(record["step"])
+                metrics_file.flush()
+                last = records[-1]
+                bar.set_postfix(
+                    sigma=f"{last['sigma']:.3f}",
+                    empty=f"{last.get('emptiness', 0.0):.4f}",
+                    opacity=f"{last['opacity']:.3f}",
+                    refresh=False,
+                )
+
             state = run_loop(
                 step_fn,
                 state,
@@ -433,29 +492,55 @@ def run(
                 on_metrics=on_metrics,
                 hooks=(previews,),
                 bar=bar,
+                should_stop=should_stop,
             )
-        except Interrupted as err:
-            raise Interrupted(f"{err}; continue with --resume {str(out)!r}") from None
-        finally:
-            bar.close()
+    except Interrupted as err:
+        raise Interrupted(f"{err} ({stop.name}); {_resume_hint(out)}") from None
+    except _NonFinite as err:
+        raise NonFiniteError(
+            f"the grid became non-finite at step {err.step}; {_last_good(ckpt_dir)} "
+            "(try a lower --lr)"
+        ) from None
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": int(state.step), "seconds": elapsed, "out": str(out)}
+    summary = {"steps": int(state.step), "seconds": elapsed, "out": str(out), **resumed}
     if int(state.step) < total:
         return summary
 
     grid = jax.device_get(state.grid)
-    artifacts.final(grid, out / "final")
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    export.save_metrics_plot(out / "final" / "metrics.png", records)
+    clear_unpublished(out)
+    tmp = out / f"final.tmp-{time.time_ns()}"
+    tmp.mkdir()
+    evaluation: dict[str, Any] = {}
+
+    def write_eval() -> None:
+        evaluation.update(model.evaluate(grid))
+        files.write_json(tmp / "eval.json", evaluation)
+
+    def write_metrics_plot() -> None:
+        text = metrics_path.read_text()
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        export.save_metrics_plot(tmp / "metrics.png", records)
+
+    parts = artifacts.parts(grid, tmp) + [write_metrics_plot]
+    parts += [write_eval] if model.evaluate is not None else []
+    for part in parts:
+        if stop.requested:
+            raise Interrupted(
+                f"interrupted while writing the final artifacts at step {total} ({stop.name}); "
+                f"{_resume_hint(out)}"
+            )
+        part()
+    publish_final(out, tmp)
     if model.evaluate is not None:
-        evaluation = model.evaluate(grid)
-        files.write_json(out / "final" / "eval.json", evaluation)
         summary["eval"] = evaluation
     return summary
 
 
 __all__ = [
     "Artifacts",
+    "DiskFullError",
     "Hook",
     "Interrupted",
     "NonFiniteError",

@@ -1,4 +1,5 @@
-"""Tests of sjc_jax.checkpoint: bit-exact round trips, pruning, leftovers, SIGKILL safety."""
+"""Tests of sjc_jax.checkpoint: bit-exact round trips, pruning, leftovers, SIGKILL safety,
+validation with fallback, failed saves."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ import numpy as np
 import optax
 import pytest
 
+from sjc_jax import files
 from sjc_jax.checkpoint import (
+    UNUSABLE_DIR,
+    CheckpointWriter,
+    UnusableCheckpoint,
     all_steps,
+    is_complete,
     latest_step,
     restore_checkpoint,
+    restore_latest_usable,
     save_checkpoint,
     step_directory,
+    step_dirs,
 )
 from sjc_jax.grid import VoxelGrid, init_grid
 
@@ -221,3 +229,108 @@ def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path):
         interrupted += any(".orbax-checkpoint-tmp" in n or ".deleting-" in n for n in names)
     # Saves take nearly all of the child's time: a kill must have caught one half-written.
     assert interrupted >= 1
+
+
+def _small(step):
+    return {"x": jnp.full((64,), step, jnp.float32), "step": jnp.int32(step)}
+
+
+def _corrupt(path, how):
+    # OCDBT keeps the data under ocdbt.process_0/d/ and, merged, under d/ (small values inline).
+    data = sorted(path.glob("**/d/*"))
+    if how == "truncated":
+        for f in data:
+            f.write_bytes(f.read_bytes()[:3])
+    elif how == "no ocdbt":
+        import shutil
+
+        shutil.rmtree(path / "ocdbt.process_0")
+        shutil.rmtree(path / "d")
+    elif how == "no metadata":
+        (path / "_CHECKPOINT_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "no ocdbt", "no metadata"])
+def test_restore_falls_back_and_moves_the_bad_one_aside(tmp_path, how):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, _small(step), keep=None)
+    _corrupt(step_directory(tmp_path, 3), how)
+    reports = []
+    step, state = restore_latest_usable(
+        tmp_path, _small(0), on_unusable=lambda *a: reports.append(a)
+    )
+    assert step == 2 and int(state["step"]) == 2
+    np.testing.assert_array_equal(state["x"], 2.0)
+    ((bad, reason, moved),) = reports
+    assert bad == 3 and "step 3" in reason
+    assert moved.parent == tmp_path / UNUSABLE_DIR and moved.is_dir()  # moved, not deleted
+    assert all_steps(tmp_path) == [1, 2]
+
+
+def test_restore_checks_and_gives_up_when_none_is_usable(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, _small(step), keep=None)
+
+    def refuse_step_2(step, state):
+        if step == 2:
+            raise UnusableCheckpoint("step 2 refused by the caller")
+
+    step, state = restore_latest_usable(tmp_path, _small(0), check=refuse_step_2)
+    assert step == 1
+    _corrupt(step_directory(tmp_path, 1), "truncated")
+    assert restore_latest_usable(tmp_path, _small(0)) == (None, None)
+    assert len(list((tmp_path / UNUSABLE_DIR).iterdir())) == 2
+
+
+def test_a_mismatched_target_moves_nothing(tmp_path):
+    save_checkpoint(tmp_path, 1, _small(1))
+    with pytest.raises(ValueError, match="shape") as err:
+        restore_latest_usable(tmp_path, {"x": jnp.zeros((3,)), "step": jnp.int32(0)})
+    assert not isinstance(err.value, UnusableCheckpoint)
+    assert all_steps(tmp_path) == [1] and not (tmp_path / UNUSABLE_DIR).exists()
+
+
+def test_keep_counts_only_complete_checkpoints(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, _small(step), keep=2)
+    half = step_directory(tmp_path, 3)  # a step directory without orbax's commit record
+    (half / "d").mkdir(parents=True)
+    assert not is_complete(half) and step_dirs(tmp_path) == [1, 2, 3]
+    save_checkpoint(tmp_path, 4, _small(4), keep=2)
+    assert all_steps(tmp_path) == [2, 4] and half.is_dir()
+    # Saving over an incomplete directory of the same step moves it aside first.
+    save_checkpoint(tmp_path, 3, _small(3), keep=None)
+    assert is_complete(half) and len(list((tmp_path / UNUSABLE_DIR).iterdir())) == 1
+
+
+def test_a_failed_save_keeps_the_older_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    save_checkpoint(tmp_path, 1, _small(1), keep=1)
+    real_save = ocp.AsyncCheckpointer.save
+
+    def full_disk(self, directory, *args, **kwargs):
+        tmp = directory.parent / f"{directory.name}.orbax-checkpoint-tmp"
+        tmp.mkdir()
+        raise ValueError("Failed to write: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ocp.AsyncCheckpointer, "save", full_disk)
+    with CheckpointWriter(tmp_path, keep=1) as writer:
+        with pytest.raises(ValueError, match="No space") as err:
+            writer.save(2, _small(2))
+        assert files.is_disk_full(err.value)
+        assert all_steps(tmp_path) == [1] and sorted(os.listdir(tmp_path)) == ["step_00000001"]
+        monkeypatch.setattr(ocp.AsyncCheckpointer, "save", real_save)
+        writer.save(2, _small(2))  # space freed: the same writer goes on
+    assert all_steps(tmp_path) == [2]
+    assert files.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as inner:
+            raise RuntimeError("writing failed") from inner
+    except RuntimeError as outer:
+        assert files.is_disk_full(outer)
+    assert not files.is_disk_full(OSError(errno.EACCES, "Permission denied"))

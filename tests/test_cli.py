@@ -157,3 +157,63 @@ def test_help_says_what_each_flag_is(capsys):
     for flag in ("--estimator", "--sds-weighting", "--sigma-schedule", "--lr", "--config"):
         assert flag in text
     assert "score estimator: sjc, sds, nfsd or csd" in " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("--seed", str(2**70), "seed must lie in [0, 2**32)"),
+        ("--seed", str(2**32), "seed must lie in [0, 2**32)"),
+        ("--seed", "-1", "seed must lie in [0, 2**32)"),
+        ("--lr", "inf", "invalid finite float value"),
+        ("--guidance-scale", "inf", "invalid finite float value"),
+        ("--guidance-scale", "nan", "invalid finite float value"),
+        ("--emptiness-weight", "inf", "invalid finite float value"),
+        ("--b1", "1.5", "b1 must lie in [0, 1)"),
+        ("--b2", "1", "b2 must lie in [0, 1)"),
+        ("--mesh-threshold", "nan", "invalid finite float value"),
+    ],
+)
+def test_bad_values_are_one_line_and_write_nothing(flag, value, match, tmp_path, capsys):
+    out = tmp_path / "deep" / "run"
+    assert cli.main(["run", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and match in err, err
+    assert not (tmp_path / "deep").exists()
+
+
+def test_a_failed_validation_leaves_no_out_and_touches_no_model(tiny_sd_eps, tmp_path, capsys):
+    out = tmp_path / "deep" / "run"
+    assert cli.main(["run", "--out", str(out), "--scene", "nosuch", *TINY_TESTBED]) == 2
+    assert "scene must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()
+    unet = tiny_sd_eps / "unet"
+    before = {p: p.read_bytes() for p in unet.rglob("*") if p.is_file()}
+    assert cli.main(["run", "--out", str(unet), *TINY_TESTBED]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not a sjc_jax run directory" in err
+    assert {p: p.read_bytes() for p in unet.rglob("*") if p.is_file()} == before
+
+
+def test_resume_on_a_mistyped_path_creates_nothing(tmp_path, capsys):
+    assert cli.main(["run", "--resume", str(tmp_path / "typo" / "run")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_help_shows_the_testbed_defaults_beside_the_originals(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default 0.2 with --model testbed, 0.05 with a diffusion model)" in text
+    assert "(default 600 with --model testbed, 10000 with a diffusion model)" in text
+    assert "(default 0.5)" in text  # --emptiness-step: the same for both
+
+
+def test_a_non_finite_run_without_checkpoint_names_none(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), *TINY_TESTBED, "--lr", "1e30", "--checkpoint-every", "100"]
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, err
+    assert "non-finite" in err and "no checkpoint was written before it" in err

@@ -153,11 +153,17 @@ def test_non_finite_grid_stops_and_keeps_last_checkpoint(tiny_sd_eps, tmp_path):
     assert latest_step(out / "checkpoints") == 2
 
 
-def test_unwritable_output(tmp_path):
+def test_unwritable_output_is_refused_before_the_model_is_built(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
+
+    class Untouched:
+        def __getattr__(self, name):
+            raise AssertionError("the model was used before the output was checked")
+
+    config = SJCConfig.flat(steps=2)
     with pytest.raises(runner.RunError, match="cannot write to output directory"):
-        runner.prepare_output(blocker / "run")
+        runner.run(config, blocker / "run", progress=False, model=Untouched())
 
 
 def test_custom_estimator_script_runs_through_the_run_loop(tmp_path):
@@ -179,3 +185,40 @@ def test_custom_estimator_script_runs_through_the_run_loop(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     assert all(0 < x["weight"] < 1 for x in lines)
+
+
+def test_run_loop_serves_a_stop_request_between_steps():
+    """The request is served after the step in flight: metrics flushed up to it, one save of
+    the step's (not yet donated) output, then `Interrupted`; never a second save."""
+    from typing import NamedTuple
+
+    import jax
+
+    class State(NamedTuple):
+        step: jax.Array
+
+    step_fn = jax.jit(lambda s, p: (State(s.step + 1), {"value": s.step + 1.0}), donate_argnums=0)
+    saved, records, requested = [], [], []
+
+    def save(state):
+        saved.append(int(np.asarray(state.step)))  # fails on a donated (deleted) state
+
+    def should_stop():
+        return bool(requested)  # set by the hook after step 7, as a signal handler would
+
+    with pytest.raises(runner.Interrupted, match="interrupted at step 7"):
+        runner.run_loop(
+            step_fn,
+            State(jnp.int32(0)),
+            None,
+            end=20,
+            log_every=100,
+            checkpoint_every=4,
+            save=save,
+            on_metrics=records.extend,
+            hooks=[runner.Hook(7, lambda s: requested.append(int(np.asarray(s.step))))],
+            should_stop=should_stop,
+        )
+    assert saved == [4, 7]  # the regular checkpoint, then the one of the request
+    assert [r["step"] for r in records] == list(range(1, 8))
+    assert requested == [7]
