@@ -242,7 +242,9 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
         except KeyboardInterrupt:
             return _fail("bench interrupted", 130)
         return 0
-    from sjc_jax import runner
+    from sjc_jax import compile_cache, runner
+
+    compile_cache.enable()  # before anything compiles; $SJC_JAX_COMPILE_CACHE=0 turns it off
 
     try:
         steps = None

@@ -97,6 +97,7 @@ def test_resume_gives_the_same_grid(tiny_sd_eps, reference_grid, tmp_path):
     assert steps == list(range(1, 41))
 
 
+@pytest.mark.slow  # make test has SIGKILL + resume in tests/test_faults.py's fast chain
 def test_sigkill_then_resume_matches(tiny_sd_eps, reference_grid, tmp_path):
     """Kill the command-line run with SIGKILL after a checkpoint, resume, compare."""
     killed = tmp_path / "killed"

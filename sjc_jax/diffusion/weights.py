@@ -21,17 +21,17 @@ Conventions of this module:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sjc_jax import files
 
 # Bump when the conversion changes, so caches of an older conversion are not read.
 CACHE_FORMAT = 1
@@ -168,14 +168,8 @@ def save_cached(path: Path, params: Any, source: Mapping[str, Any]) -> None:
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        metadata = {k: str(v) for k, v in source.items()}
-        save_file(_flatten(params), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with files.atomic_path(path) as tmp:
+        save_file(_flatten(params), tmp, metadata={k: str(v) for k, v in source.items()})
 
 
 def load_cached(path: Path) -> dict:
