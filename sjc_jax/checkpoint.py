@@ -84,6 +84,21 @@ class _OrbaxLogFilter(logging.Filter):
 logging.getLogger("absl").addFilter(_OrbaxLogFilter())
 
 
+class _LeftoverFutureFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of tensorstore's reads that a
+    failed orbax restore abandoned (the first error already reached our caller)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        leftover = "never retrieved" in text and (
+            "TensorStore" in text or f"{os.sep}orbax{os.sep}" in text
+        )
+        return not leftover
+
+
+logging.getLogger("asyncio").addFilter(_LeftoverFutureFilter())
+
+
 def _from_orbax(obj: Any) -> bool:
     """Whether an unraisable's object is one of orbax's coroutines or functions."""
     code = getattr(obj, "cr_code", None) or getattr(obj, "__code__", None)

@@ -62,3 +62,29 @@ def test_resume_purges_the_steps_after_the_checkpoint(tmp_path):
 def test_bad_image_is_refused(tmp_path):
     with TensorBoardWriter(tmp_path) as writer, pytest.raises(ValueError, match="image"):
         writer.image(0, "x", np.zeros((2, 2, 2)))
+
+
+def test_a_failing_writer_thread_stops_events_with_one_warning(tmp_path, capsys):
+    """A full disk in tensorboardX's thread: no traceback, one warning, the run never blocks."""
+    import errno
+
+    import pytest
+
+    from sjc_jax.tensorboard import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    events = writer._writer._get_file_writer().event_writer
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    events._ev_writer.write_event = full  # what the writer thread calls for each event
+    worker = events._worker
+    writer.scalars(1, {"loss": 1.0})
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    with pytest.warns(UserWarning, match="TensorBoard events stopped: No space left on device"):
+        for step in range(2, 2000):  # far more than the queue holds: must not block
+            writer.scalars(step, {"loss": 1.0})
+    writer.close()
+    assert "Traceback" not in capsys.readouterr().err
