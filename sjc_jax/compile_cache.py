@@ -30,6 +30,13 @@ def default_directory() -> Path:
     return Path(base).expanduser() / "sjc-jax" / "jax-compile"
 
 
+def _jax_own_setting() -> str | None:
+    """JAX's ``$JAX_COMPILATION_CACHE_DIR`` when it is what applies (ours is unset), else None."""
+    if os.environ.get(ENV, "").strip():
+        return None
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
+
+
 def resolve(directory: str | os.PathLike | None = None) -> Path | None:
     """The cache directory `enable` would use (None: off); reads the environment, writes nothing."""
     if directory is not None:
@@ -37,11 +44,7 @@ def resolve(directory: str | os.PathLike | None = None) -> Path | None:
     setting = os.environ.get(ENV, "").strip()
     if setting.lower() in _OFF:
         return None
-    if setting:
-        return Path(setting).expanduser()
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
-    return default_directory()
+    return Path(setting or _jax_own_setting() or default_directory()).expanduser()
 
 
 def enable(
@@ -56,9 +59,8 @@ def enable(
     path = resolve(directory)
     if path is None:
         return None
-    if directory is None and not os.environ.get(ENV, "").strip():
-        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            return path  # JAX's own setting, with JAX's own thresholds: JAX reads it itself
+    if directory is None and _jax_own_setting():
+        return path  # JAX's own setting, with JAX's own thresholds: JAX reads it itself
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
