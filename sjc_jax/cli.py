@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument(
                 flag, dest=field.name, type=kind, default=None, help=f"{help_text} [{group}]"
             )
+    _add_train_parser(sub)
     bench = sub.add_parser("bench", help="time the renderer and the SJC step; prints JSON")
     bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
     bench.add_argument(
@@ -155,6 +156,93 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of UNet attention kernels of the step (auto, diffusers, xla, cudnn)",
     )
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from sjc_jax.learned.train import TrainConfig
+
+    d = TrainConfig()
+    train = sub.add_parser(
+        "train-model",
+        help="train the learned known-answer model on renders of known scenes",
+        description="Renders the scenes from the testbed's cameras over a plain background and "
+        "trains a small conditional diffusers UNet on them (sjc_jax.learned); the model "
+        "directory is written to OUT/model (or --model-out) and loads with --model DIR.",
+    )
+    train.add_argument("--out", help="training directory (created; must be missing or empty)")
+    train.add_argument("--resume", metavar="DIR", help="continue the training in DIR")
+    train.add_argument("--model-out", metavar="DIR", help="where the model goes (OUT/model)")
+    train.add_argument(
+        "--scenes",
+        help=f"comma list of built-in scenes and RGB grid files (.npz) (default "
+        f"{','.join(d.scenes)})",
+    )
+    for name, kind in (
+        ("steps", int),
+        ("batch_size", int),
+        ("lr", _finite_float),
+        ("seed", int),
+        ("views_per_scene", int),
+        ("checkpoint_every", int),
+    ):
+        train.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"(default {getattr(d, name)!r})",
+        )
+    train.add_argument("--background", help="R,G,B of the plain background (default 1,1,1)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
+    from sjc_jax.learned import train as learned_train
+
+    command = "python -m sjc_jax " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    given = {
+        name: getattr(args, name)
+        for name in ("steps", "batch_size", "lr", "seed", "views_per_scene", "checkpoint_every")
+        if getattr(args, name) is not None
+    }
+    try:
+        if args.resume:
+            extra = sorted(set(given) - {"steps"})
+            if args.out or args.scenes or args.background or extra:
+                return _fail(
+                    "--resume continues a training with its own settings (only --steps can change)"
+                )
+            config, out, resume = None, args.resume, True
+        else:
+            if not args.out:
+                return _fail("train-model needs --out DIR (or --resume DIR)")
+            if args.scenes is not None:
+                given["scenes"] = tuple(s.strip() for s in args.scenes.split(",") if s.strip())
+            if args.background is not None:
+                try:
+                    given["background"] = tuple(float(v) for v in args.background.split(","))
+                except ValueError:
+                    return _fail(f"--background must be R,G,B numbers, got {args.background!r}")
+            config, out, resume = learned_train.TrainConfig(**given), args.out, False
+        summary = learned_train.train(
+            config,
+            out,
+            resume=resume,
+            steps=given.get("steps") if resume else None,
+            model_out=args.model_out,
+            command=command,
+            progress=not args.no_progress,
+            stop=stop,
+            log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
+        )
+    except learned_train.TrainInterrupted as err:
+        return _fail(str(err), 130)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}", 1)
+    print(json.dumps(summary))
+    return 0
 
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,10 +268,10 @@ def config_from_args(args: argparse.Namespace):
         return SJCConfig.from_dict(values).replace(**given)
     model = given.get("model", "testbed")
     kind = kind_of(model)
-    if kind.preset is not None and "prompt" not in given:
-        return kind.preset(**given)
-    if model == "testbed":
+    if model == "testbed" and "prompt" in given:
         raise ValueError("--prompt needs --model (a hub id or a local diffusers directory)")
+    if kind.preset is not None:
+        return kind.preset(**given)
     return SJCConfig.flat(**given)
 
 
@@ -245,6 +333,8 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
     from sjc_jax import compile_cache, runner
 
     compile_cache.enable()  # before anything compiles; $SJC_JAX_COMPILE_CACHE=0 turns it off
+    if args.command == "train-model":
+        return _train_model(args, stop)
 
     try:
         steps = None

@@ -2,8 +2,10 @@
 
 A kind says which ``--model`` values it serves, how to build its `Model` from a config, and
 optionally its preset (the config a run starts from when the user gives only flags). Built in:
-``testbed`` (the ground-truth testbed, ``--model testbed``) and ``stable-diffusion`` (any other
-value: a hub id or a local diffusers directory). `register` adds a kind in front of them, e.g.
+``testbed`` (the ground-truth testbed, ``--model testbed``), ``learned`` (the learned
+known-answer model: ``--model learned`` for the committed one, or a directory holding its
+marker file, `sjc_jax.learned.model`) and ``stable-diffusion`` (any other value: a hub id or a
+local diffusers directory). `register` adds a kind in front of them, e.g.
 a learned model recognised by a marker file in its directory.
 """
 
@@ -82,8 +84,27 @@ def _build_stable_diffusion(config: SJCConfig) -> Model:
     return Model(denoiser=denoiser)
 
 
+def _is_learned(model: str) -> bool:
+    from sjc_jax.learned import model as learned_model
+
+    return model == "learned" or learned_model.is_model_dir(model)
+
+
+def _build_learned(config: SJCConfig) -> Model:
+    from sjc_jax import learned
+
+    return learned.build_model(config)
+
+
+def _learned_preset(**overrides) -> SJCConfig:
+    from sjc_jax import learned
+
+    return learned.learned_config(**overrides)
+
+
 _KINDS: list[ModelKind] = [
     ModelKind("testbed", lambda model: model == "testbed", _build_testbed, _testbed_preset),
+    ModelKind("learned", _is_learned, _build_learned, _learned_preset),
     ModelKind("stable-diffusion", lambda model: True, _build_stable_diffusion),
 ]
 

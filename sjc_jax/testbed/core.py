@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sjc_jax import grid_io
-from sjc_jax.camera import NUM_VIEW_LABELS, Camera
+from sjc_jax.camera import NUM_VIEW_LABELS, VIEW_BACK, Camera
 from sjc_jax.config import FIELD_SECTIONS, SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.diffusion.schedule import ddpm_sigmas
@@ -276,15 +277,7 @@ def build_testbed(
     )
     images, labels = np.asarray(images), np.asarray(labels)
     denoiser = make_denoiser(images, labels, config)
-    eval_cameras, eval_labels = scenes.heldout_cameras(
-        image_size=size,
-        radius=config.camera.radius,
-        num_azimuths=config.testbed.testbed_eval_views,
-        overhead_deg=config.camera.overhead_deg,
-    )
-    eval_images, _, eval_opacity = scenes.render_views(
-        ground_truth, eval_cameras, render_config, chunk_size=64
-    )
+    targets = heldout_targets(config, ground_truth, aabb)
     return Testbed(
         denoiser=denoiser,
         ground_truth=ground_truth,
@@ -292,6 +285,40 @@ def build_testbed(
         labels=labels,
         aabb=aabb,
         background=background,
+        eval_cameras=targets.eval_cameras,
+        eval_labels=targets.eval_labels,
+        eval_images=targets.eval_images,
+        eval_opacity=targets.eval_opacity,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalTargets:
+    """The held-out cameras of an evaluation and the ground truth's renders at them."""
+
+    eval_cameras: Camera  # [E] held-out cameras (`scenes.heldout_cameras`)
+    eval_labels: Array  # [E] their view labels
+    eval_images: Array  # [E, H, W, 3] ground-truth renders, in [0, 1]
+    eval_opacity: Array  # [E, H, W] their opacity
+
+
+def heldout_targets(config: SJCConfig, ground_truth: VoxelGrid, aabb=None) -> EvalTargets:
+    """Render ``ground_truth`` (over its own background) at the held-out cameras of ``config``.
+
+    ``testbed_eval_views`` azimuths per elevation ring at ``image_size`` (64 if None); ``aabb``
+    is the box the ground truth covers (default ``[-1, 1]^3``).
+    """
+    aabb = np.asarray(DEFAULT_AABB if aabb is None else aabb, np.float64)
+    eval_cameras, eval_labels = scenes.heldout_cameras(
+        image_size=_render_size(config),
+        radius=config.camera.radius,
+        num_azimuths=config.testbed.testbed_eval_views,
+        overhead_deg=config.camera.overhead_deg,
+    )
+    eval_images, _, eval_opacity = scenes.render_views(
+        ground_truth, eval_cameras, _scene_render_config(config, aabb), chunk_size=64
+    )
+    return EvalTargets(
         eval_cameras=eval_cameras,
         eval_labels=eval_labels,
         eval_images=jnp.clip(eval_images, 0.0, 1.0),
@@ -340,21 +367,71 @@ def silhouette_iou(opacity: Array, target_opacity: Array, *, threshold: float = 
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def evaluate(grid: VoxelGrid, testbed: Testbed, config: SJCConfig) -> dict:
-    """PSNR and silhouette IoU of a lift against the ground truth on the held-out cameras.
+def mirror_pairs(cameras: Camera, labels) -> list[tuple[int, int]]:
+    """``(i, j)`` for each back-labelled camera i whose mirror image j is in the set.
+
+    The mirror of a camera is its reflection through the object's left-right plane ``x = 0``
+    (front is -x): the eye ``(x, y, z)`` becomes ``(-x, y, z)``. Seen from j, the front of an
+    object reflected onto its back (a Janus object) looks like the ground truth at i flipped
+    left-right.
+    """
+    eye = np.asarray(cameras.eye, np.float64)
+    mirrored = eye * np.array([-1.0, 1.0, 1.0])
+    pairs = []
+    for i in np.flatnonzero(np.asarray(labels) == VIEW_BACK):
+        dist = np.linalg.norm(eye - mirrored[i], axis=-1)
+        j = int(np.argmin(dist))
+        if dist[j] < 1e-4 * max(1.0, float(np.linalg.norm(eye[i]))):
+            pairs.append((int(i), j))
+    return pairs
+
+
+def janus_score(images, targets, pairs) -> dict[str, Any] | None:
+    """How much a lift's back views resemble the mirrored true front rather than the true back.
+
+    For each pair ``(i, j)`` of `mirror_pairs` (i a back view): ``d_back = MSE(lift_i,
+    truth_i)``, ``d_front = MSE(lift_i, flip(truth_j))`` and the score ``d_back / (d_back +
+    d_front)``: 0 = the back looks like the true back, 1 = like the true front seen through the
+    back (the Janus failure), 0.5 = either. ``reference`` is ``MSE(truth_i, flip(truth_j))``,
+    how different the scene's back is from its mirrored front (a score means little near 0).
+    None without pairs.
+    """
+    if not pairs:
+        return None
+    images = np.asarray(images, np.float64)
+    targets = np.asarray(targets, np.float64)
+    scores, refs = [], []
+    for i, j in pairs:
+        front = targets[j][:, ::-1]
+        d_back = float(np.mean(np.square(images[i] - targets[i])))
+        d_front = float(np.mean(np.square(images[i] - front)))
+        scores.append(d_back / max(d_back + d_front, 1e-12))
+        refs.append(float(np.mean(np.square(targets[i] - front))))
+    return {
+        "janus": float(np.mean(scores)),
+        "janus_per_camera": scores,
+        "janus_reference_mse": float(np.mean(refs)),
+    }
+
+
+def evaluate(grid: VoxelGrid, testbed: Testbed | EvalTargets, config: SJCConfig) -> dict:
+    """PSNR, silhouette IoU and the Janus score of a lift on the held-out cameras.
 
     The lift is rendered with ``config.render_config()`` at the held-out cameras, RGB clipped to
     [0, 1], and compared with the ground truth's renders (object over the known background).
 
     Returns:
       A JSON-serialisable dict: ``psnr``, ``iou`` (means), ``psnr_per_camera``,
-      ``iou_per_camera`` (lists of E floats), ``num_cameras``, ``camera_labels``.
+      ``iou_per_camera`` (lists of E floats), ``num_cameras``, ``camera_labels``, and
+      `janus_score`'s keys where the cameras have mirror pairs.
     """
     images, _, opacity = scenes.render_views(
         grid, testbed.eval_cameras, config.render_config(), chunk_size=64
     )
     per_psnr = psnr(jnp.clip(images, 0.0, 1.0), testbed.eval_images)
     per_iou = silhouette_iou(opacity, testbed.eval_opacity)
+    pairs = mirror_pairs(testbed.eval_cameras, testbed.eval_labels)
+    janus = janus_score(np.clip(np.asarray(images), 0.0, 1.0), testbed.eval_images, pairs)
     return {
         "psnr": float(np.mean(per_psnr)),
         "iou": float(np.mean(per_iou)),
@@ -362,4 +439,5 @@ def evaluate(grid: VoxelGrid, testbed: Testbed, config: SJCConfig) -> dict:
         "iou_per_camera": [float(v) for v in per_iou],
         "num_cameras": int(per_psnr.shape[0]),
         "camera_labels": [int(v) for v in np.asarray(testbed.eval_labels)],
+        **(janus or {}),
     }

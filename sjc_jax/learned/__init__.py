@@ -1,0 +1,121 @@
+"""The learned known-answer model: a small diffusion UNet trained on renders of known scenes.
+
+* `sjc_jax.learned.model`: the model (a diffusers Flax UNet in RGB pixel space with a scene and
+  a view token), its directory format, loading and the `Denoiser`;
+* `sjc_jax.learned.train`: the training (``python -m sjc_jax train-model``);
+* `sjc_jax.learned.sampling`: its own sampler (DDIM), for pictures and the 2D experiments;
+* here: the model kind's preset (`learned_config`) and `build_model` (denoiser, the plain
+  background, the evaluation against the scene's ground truth).
+
+``--model learned`` names the committed model (`DEFAULT_MODEL_DIR`, trained by the command in
+its ``sjc_model.json``); any directory written by `sjc_jax.learned.model.save_model` works too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from sjc_jax.config import FIELD_SECTIONS, SJCConfig
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+# The preset of a lift with a learned model: the testbed's (same cameras, grid, renderer and
+# optimiser, `sjc_jax.testbed.testbed_config`) with the noise levels and guidance of a learned
+# denoiser; see the README's learned-model section for the measurements behind them.
+_PRESET = dict(
+    model="learned",
+    t_min=20,
+    t_max=300,
+    guidance_scale=3.0,
+)
+
+
+def resolve(model: str) -> Path:
+    """The directory of ``--model``: ``learned`` is `DEFAULT_MODEL_DIR`, else the path given."""
+    return DEFAULT_MODEL_DIR if model == "learned" else Path(model).expanduser()
+
+
+def learned_config(**overrides) -> SJCConfig:
+    """The preset `SJCConfig` of a lift with a learned model; ``overrides`` replace fields."""
+    from sjc_jax.testbed import testbed_config
+
+    unknown = sorted(set(overrides) - set(FIELD_SECTIONS))
+    if unknown:
+        raise ValueError(f"overrides has unknown SJCConfig fields {unknown}")
+    return testbed_config(**{**_PRESET, **overrides})
+
+
+def ground_truth_of(model, prompt: str):
+    """``(grid over the model's plain background, aabb)`` of the scene ``prompt``, or None.
+
+    Built-in scenes always have one; a grid file only while it is where training found it
+    (same checksum).
+    """
+    import jax.numpy as jnp
+
+    from sjc_jax.learned.train import _sha256, plain_background
+    from sjc_jax.testbed import load_scene
+    from sjc_jax.testbed.scenes import list_scenes
+
+    record = model.meta["scenes"][model.scene_index(prompt)]
+    source = record["source"]
+    if source not in list_scenes():
+        if not Path(source).is_file():
+            return None
+        if record.get("sha256") and _sha256(source) != record["sha256"]:
+            return None
+    grid, aabb, _ = load_scene(source)
+    return grid.replace(background=jnp.asarray(plain_background(model.background))), aabb
+
+
+def build_model(config: SJCConfig):
+    """The `sjc_jax.models.Model` of a learned model directory for ``config``."""
+    from sjc_jax.learned.model import load_model, make_denoiser
+    from sjc_jax.learned.train import plain_background
+    from sjc_jax.models import Model
+    from sjc_jax.testbed.core import evaluate, heldout_targets
+
+    m = config.model
+    model = load_model(resolve(m.model), dtype=m.dtype)
+    if not m.prompt:
+        raise ValueError(f"a learned model needs --prompt SCENE, one of: {', '.join(model.scenes)}")
+    denoiser = make_denoiser(
+        model,
+        m.prompt,
+        view_augmentation=config.camera.view_augmentation,
+        dtype=m.dtype,
+        attention=m.attention,
+        gelu=m.gelu,
+    )
+    size = config.render.image_size or denoiser.resolution
+    if size != denoiser.resolution:
+        raise ValueError(
+            f"the model denoises {denoiser.resolution} x {denoiser.resolution} images; "
+            f"--image-size {size} differs"
+        )
+    truth = ground_truth_of(model, m.prompt)
+    evaluate_fn = None
+    if truth is None:
+        warnings.warn(
+            f"the ground truth of {m.prompt!r} is not where the model was trained from; "
+            "final/eval.json is not written",
+            stacklevel=2,
+        )
+    else:
+        targets = heldout_targets(config, truth[0], truth[1])
+        evaluate_fn = lambda grid: evaluate(grid, targets, config)  # noqa: E731
+    return Model(
+        denoiser=denoiser,
+        background=plain_background(model.background),
+        evaluate=evaluate_fn,
+    )
+
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "build_model",
+    "ground_truth_of",
+    "learned_config",
+    "resolve",
+]

@@ -1,0 +1,490 @@
+"""Training the learned known-answer model: labelled renders of known scenes, an optax loop.
+
+Data: each scene (a built-in testbed name or an RGB grid file) rendered from the SJC training
+camera distribution of the testbed preset (fixed fov 55 deg, the held-out cameras' fov) over a
+plain background colour (no textured world: that would tell the model the pose), with the view
+label of each camera. Loss: the epsilon MSE of DDPM at a uniform timestep. Condition dropout:
+with probability ``uncond_prob`` both tokens are the null tokens (the unconditional model of
+classifier-free guidance), with ``view_drop_prob`` only the view token is (the scene alone:
+a run without view augmentation). An exponential moving average of the weights is what is
+saved.
+
+The training directory (``--out``)::
+
+    train_config.json   the settings (and the command) of the training
+    train.jsonl         one line per ``log_every`` steps: step, loss (mean since the last), lr,
+                        seconds
+    loss.png            the loss curve
+    checkpoints/        orbax checkpoints of the whole state (`sjc_jax.checkpoint`)
+    model/              the trained model directory (`sjc_jax.learned.model`), EMA weights
+
+Resume is exact: every random draw of step s comes from ``fold_in(key(seed), s)`` and the
+renders are deterministic, so a resumed training computes the same steps bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sjc_jax import checkpoint, files, interrupts
+from sjc_jax.learned.model import (
+    VIEW_TOKENS,
+    Architecture,
+    init_params,
+    make_unet,
+    save_model,
+    token_context,
+    unet_eps,
+)
+
+Array = jax.Array
+
+TRAIN_CONFIG = "train_config.json"
+LOG = "train.jsonl"
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+LOSS_PLOT = "loss.png"
+ENTRIES = (TRAIN_CONFIG, LOG, CHECKPOINTS, MODEL, LOSS_PLOT)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training (the defaults made the committed model; see the README)."""
+
+    scenes: tuple[str, ...] = ("duck", "house", "robot", "mug")
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    uncond_prob: float = 0.1
+    view_drop_prob: float = 0.1
+    views_per_scene: int = 1000
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    architecture: Architecture = Architecture()
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "views_per_scene", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.scenes:
+            raise ValueError("scenes must name at least one scene")
+        for name in ("uncond_prob", "view_drop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]")
+        if self.uncond_prob + self.view_drop_prob > 1.0:
+            raise ValueError("uncond_prob + view_drop_prob must be at most 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if len(self.background) != 3:
+            raise ValueError(f"background must be 3 numbers (RGB), got {self.background}")
+        scene_names(self.scenes)  # unique names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        values = dict(values)
+        values["scenes"] = tuple(values["scenes"])
+        values["background"] = tuple(values["background"])
+        values["architecture"] = Architecture.from_dict(values["architecture"])
+        return cls(**values)
+
+
+def scene_names(specs: Sequence[str]) -> list[str]:
+    """The token name of each scene spec: a built-in name as is, a grid file by its stem."""
+    names = [Path(s).stem if str(s).endswith(".npz") else str(s) for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"scenes must have distinct names; {', '.join(dupes)} repeats")
+    return names
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def scene_records(specs: Sequence[str]) -> list[dict[str, Any]]:
+    """``{"name", "source"[, "sha256"]}`` of each scene (what the model dir records)."""
+    records = []
+    for name, spec in zip(scene_names(specs), specs, strict=True):
+        record = {"name": name, "source": str(spec)}
+        if str(spec).endswith(".npz"):
+            record["source"] = os.path.abspath(spec)
+            record["sha256"] = _sha256(spec)
+        records.append(record)
+    return records
+
+
+def plain_background(rgb: Sequence[float]) -> np.ndarray:
+    """The background texture ``[128, 128, 3]`` of one colour (the scenes' texture size)."""
+    from sjc_jax.testbed.scenes import BACKGROUND_RESOLUTION
+
+    texture = np.empty((BACKGROUND_RESOLUTION, BACKGROUND_RESOLUTION, 3), np.float32)
+    texture[:] = np.asarray(rgb, np.float32)
+    return texture
+
+
+def scene_run_config(image_size: int):
+    """The testbed preset at ``image_size``: its cameras and renderer make the data and lifts."""
+    from sjc_jax.testbed import testbed_config
+
+    return testbed_config(image_size=image_size)
+
+
+def render_training_set(
+    config: TrainConfig, *, log: Callable[[str], None] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(images [M, H, W, 3], scene ids [M], view labels [M])`` of the training scenes.
+
+    ``views_per_scene`` renders of each scene at the architecture's image size, cameras from
+    ``fold_in(key(seed), scene index)``, over ``config.background``.
+    """
+    from sjc_jax.testbed import load_scene
+    from sjc_jax.testbed.core import _scene_render_config
+    from sjc_jax.testbed.scenes import render_dataset
+
+    run_config = scene_run_config(config.architecture.image_size)
+    c = run_config.camera
+    background = jnp.asarray(plain_background(config.background))
+    key = jax.random.key(config.seed)
+    images, scene_ids, labels = [], [], []
+    for i, spec in enumerate(config.scenes):
+        start = time.perf_counter()
+        grid, aabb, _ = load_scene(spec)
+        grid = grid.replace(background=background)
+        views, view_labels, _ = render_dataset(
+            jax.random.fold_in(key, i),
+            grid,
+            num_views=config.views_per_scene,
+            image_size=config.architecture.image_size,
+            render_config=_scene_render_config(run_config, aabb),
+            radius=c.radius,
+            max_v_deg=c.max_v_deg,
+            fov_range_deg=(c.fov_min_deg, c.fov_max_deg),
+            overhead_deg=c.overhead_deg,
+            chunk_size=64,
+        )
+        images.append(np.clip(np.asarray(views), 0.0, 1.0))
+        labels.append(np.asarray(view_labels, np.int32))
+        scene_ids.append(np.full(config.views_per_scene, i, np.int32))
+        if log is not None:
+            log(
+                f"rendered {config.views_per_scene} views of {spec} in "
+                f"{time.perf_counter() - start:.1f} s"
+            )
+    return np.concatenate(images), np.concatenate(scene_ids), np.concatenate(labels)
+
+
+def alphas_cumprod(sigmas: np.ndarray) -> np.ndarray:
+    """DDPM's ``abar_t = 1 / (1 + sigma_t^2)`` of a VE table."""
+    return (1.0 / (1.0 + np.square(np.asarray(sigmas, np.float64)))).astype(np.float32)
+
+
+def lr_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up (at most half the steps) then cosine decay to 10 % of ``lr``."""
+    warmup = min(config.warmup_steps, config.steps // 2)
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, config.steps, config.lr * 0.1)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Adam on `lr_schedule`, gradients clipped at global norm 1."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr_schedule(config)))
+
+
+def init_train_state(config: TrainConfig) -> dict[str, Any]:
+    """``{"params", "ema", "opt_state", "step"}`` of a fresh training."""
+    params = init_params(
+        jax.random.fold_in(jax.random.key(config.seed), 10_000),
+        config.architecture,
+        len(config.scenes),
+    )
+    return {
+        "params": params,
+        "ema": jax.tree.map(jnp.copy, params),
+        "opt_state": make_optimizer(config).init(params),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def make_train_step(config: TrainConfig):
+    """The jitted ``(state, data) -> (state, loss)`` (state donated); one per config.
+
+    ``data = {"images" [M, H, W, 3], "scene" [M], "view" [M]}`` lives on the device; the batch,
+    timesteps, noise and dropout of step s come from ``fold_in(key(seed), s)``.
+    """
+    from sjc_jax.diffusion.schedule import sigmas_from_scheduler_config
+    from sjc_jax.learned.model import SCHEDULER_CONFIG
+
+    unet = make_unet(config.architecture)
+    optimizer = make_optimizer(config)
+    abar = jnp.asarray(alphas_cumprod(sigmas_from_scheduler_config(SCHEDULER_CONFIG)))
+    num_t = int(abar.shape[0])
+    patch = config.architecture.patch
+    null_scene, null_view = len(config.scenes), len(VIEW_TOKENS)
+    base_key = jax.random.key(config.seed)
+
+    def loss_fn(params, images, scene, view, key):
+        k_t, k_eps, k_drop = jax.random.split(key, 3)
+        b = images.shape[0]
+        t = jax.random.randint(k_t, (b,), 0, num_t)
+        eps = jax.random.normal(k_eps, images.shape, jnp.float32)
+        a = abar[t][:, None, None, None]
+        x = jnp.sqrt(a) * images + jnp.sqrt(1.0 - a) * eps
+        u = jax.random.uniform(k_drop, (b,))
+        drop_both = u < config.uncond_prob
+        drop_view = u < config.uncond_prob + config.view_drop_prob
+        scene = jnp.where(drop_both, null_scene, scene)
+        view = jnp.where(drop_view, null_view, view)
+        context = token_context(params["tokens"], scene, view)
+        pred = unet_eps(unet, params["unet"], x, t, context, patch=patch)
+        return jnp.mean(jnp.square(pred - eps))
+
+    def step(state, data):
+        key = jax.random.fold_in(base_key, state["step"])
+        k_batch, k_loss = jax.random.split(key)
+        index = jax.random.randint(k_batch, (config.batch_size,), 0, data["images"].shape[0])
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state["params"],
+            data["images"][index],
+            data["scene"][index],
+            data["view"][index],
+            k_loss,
+        )
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        count = state["step"].astype(jnp.float32)
+        decay = jnp.minimum(config.ema_decay, (1.0 + count) / (10.0 + count))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
+        new = {"params": params, "ema": ema, "opt_state": opt_state, "step": state["step"] + 1}
+        return new, loss
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def _storable(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with the optimiser's state as a dict of its leaves (optax's empty named tuples
+    are not trees orbax can describe)."""
+    leaves = jax.tree.leaves(state["opt_state"])
+    return {**state, "opt_state": {f"{i:04d}": leaf for i, leaf in enumerate(leaves)}}
+
+
+def _from_storable(like: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    treedef = jax.tree.structure(like["opt_state"])
+    leaves = [stored["opt_state"][k] for k in sorted(stored["opt_state"])]
+    return {**stored, "opt_state": jax.tree.unflatten(treedef, leaves)}
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """The loss curve (log scale) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set_xlabel("step")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("training loss")
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+class TrainInterrupted(ValueError):
+    """Training stopped on request after checkpointing; the message says how to resume."""
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / TRAIN_CONFIG).is_file():
+            raise ValueError(f"--resume {out}: not a training directory (no {TRAIN_CONFIG})")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty; give a new directory or --resume")
+
+
+def train(
+    config: TrainConfig | None,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    steps: int | None = None,
+    model_out: str | os.PathLike | None = None,
+    command: str | None = None,
+    progress: bool = True,
+    stop: interrupts.StopRequest | None = None,
+    stop_after: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume training) into ``out``; returns a summary dict.
+
+    Args:
+      config: the settings (None with ``resume``: the directory's own).
+      out: the training directory (module docstring); new or empty unless ``resume``.
+      resume: continue from the newest usable checkpoint of ``out``.
+      steps: with ``resume``, extend the training to this many steps.
+      model_out: where the model directory goes (default ``out/model``).
+      command: the command line, recorded in the model.
+      progress: show a tqdm bar.
+      stop: a `StopRequest`; when set, the step in flight ends, a checkpoint is written and
+        `TrainInterrupted` is raised.
+      stop_after: end after this many steps of this call (checkpointed; for tests).
+      log: receives progress lines.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    _check_out(out, resume)
+    if resume:
+        saved = json.loads((out / TRAIN_CONFIG).read_text())
+        config = TrainConfig.from_dict(saved["config"])
+        command = command or saved.get("command")
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
+    elif config is None:
+        raise ValueError("train needs a config (or resume)")
+    from sjc_jax.testbed import load_scene
+    from sjc_jax.testbed.scenes import list_scenes
+
+    for spec in config.scenes:  # before any work: an unknown scene or missing file is one line
+        if spec not in list_scenes():
+            load_scene(spec)
+    records = scene_records(config.scenes)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_json(out / TRAIN_CONFIG, {"config": config.to_dict(), "command": command})
+    model_out = Path(model_out) if model_out is not None else out / MODEL
+
+    t0 = time.perf_counter()
+    images, scene_ids, views = render_training_set(config, log=log)
+    data = {
+        "images": jnp.asarray(images),
+        "scene": jnp.asarray(scene_ids),
+        "view": jnp.asarray(views),
+    }
+    render_seconds = time.perf_counter() - t0
+    state = init_train_state(config)
+    ckpt_dir = out / CHECKPOINTS
+    start = 0
+    if resume:
+        restored_step, restored = checkpoint.restore_latest_usable(ckpt_dir, _storable(state))
+        if restored is not None:
+            state, start = _from_storable(state, restored), int(restored_step)
+        if log is not None:
+            log(f"resuming at step {start}")
+    log_path = out / LOG
+    history = [r for r in read_log(log_path) if r["step"] <= start]
+    files.write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+    step_fn = make_train_step(config)
+    stop = stop if stop is not None else interrupts.StopRequest()
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    schedule = lr_schedule(config)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        disable=not progress,
+        dynamic_ncols=True,
+        desc="train-model",
+    )
+    pending: list[Array] = []
+    t_loop = time.perf_counter()
+    step = start
+    with checkpoint.CheckpointWriter(ckpt_dir, keep=2) as writer, open(log_path, "a") as log_file:
+
+        def save() -> None:
+            if not checkpoint.is_complete(checkpoint.step_directory(ckpt_dir, step)):
+                writer.save(step, _storable(state))
+
+        while step < end:
+            state, loss = step_fn(state, data)
+            step += 1
+            pending.append(loss)
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                mean = float(np.mean(np.asarray(jnp.stack(pending))))
+                pending = []
+                if not np.isfinite(mean):
+                    raise ValueError(
+                        f"training loss became {mean} at step {step}; lower --lr and train again"
+                    )
+                record = {
+                    "step": step,
+                    "loss": mean,
+                    "lr": float(schedule(step - 1)),
+                    "seconds": round(time.perf_counter() - t_loop, 3),
+                }
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                history.append(record)
+                bar.set_postfix(loss=f"{mean:.4f}")
+            if step % config.checkpoint_every == 0 or step == end:
+                save()
+                plot_loss(history, out / LOSS_PLOT)
+            if stop.requested and step < end:
+                save()
+                plot_loss(history, out / LOSS_PLOT)
+                bar.close()
+                raise TrainInterrupted(
+                    f"training interrupted at step {step} (checkpointed); continue with: "
+                    f"python -m sjc_jax train-model --resume {out}"
+                )
+    bar.close()
+    loop_seconds = time.perf_counter() - t_loop
+    summary = {
+        "steps": step,
+        "out": str(out),
+        "render_seconds": round(render_seconds, 1),
+        "train_seconds": round(loop_seconds, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+    if step < config.steps:
+        return {**summary, "finished": False}
+    ema = jax.tree.map(np.asarray, state["ema"])
+    training = {
+        "command": command,
+        "seed": config.seed,
+        "steps": config.steps,
+        "config": config.to_dict(),
+        "images": int(images.shape[0]),
+        "final_loss": summary["final_loss"],
+    }
+    save_model(
+        model_out,
+        architecture=config.architecture,
+        params=ema,
+        scenes=records,
+        background=config.background,
+        training=training,
+    )
+    return {**summary, "model": str(model_out), "finished": True}
