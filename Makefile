@@ -26,7 +26,7 @@ OUT ?= runs/$(if $(PROMPT),$(shell echo '$(PROMPT)' | tr -c 'a-zA-Z0-9\n' '_' | 
 SCENE ?=
 ARGS ?=
 
-.PHONY: test test-slow lint format bench run clean-venv
+.PHONY: test test-slow lint format bench run learned-model clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,13 @@ run: $(RUN_STAMP)
 	$(PY) -m sjc_jax run --model '$(MODEL)' $(if $(PROMPT),--prompt '$(PROMPT)') \
 		$(if $(STEPS),--steps $(STEPS)) --seed $(SEED) --out '$(OUT)' \
 		$(if $(SCENE),--scene '$(SCENE)') $(ARGS)
+
+# Retrain the committed learned model (sjc_jax/learned/default_model) with the command that made
+# it (about 26 minutes on a 2-core CPU); the training directory is runs/learned-model-DATE.
+LEARNED_OUT ?= runs/learned-model-$(shell date +%Y%m%d-%H%M%S)
+learned-model: $(RUN_STAMP)
+	$(PY) -m sjc_jax train-model --out '$(LEARNED_OUT)' --model-out sjc_jax/learned/default_model \
+		--seed 0 $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

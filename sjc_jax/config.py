@@ -143,9 +143,11 @@ class CameraConfig:
 class ScoreConfig:
     """The score-distillation estimator and the noise levels it is asked at."""
 
-    estimator: str = _field("sjc", "score estimator: sjc, sds, nfsd or csd")
+    estimator: str = _field(
+        "sjc", "score estimator: sjc, sds, nfsd, csd or naive (no perturbation)"
+    )
     guidance_scale: float = _field(
-        100.0, "classifier-free guidance scale of sjc, sds, nfsd (1 = conditional only)"
+        100.0, "classifier-free guidance scale of sjc, sds, nfsd, naive (1 = conditional only)"
     )
     var_red: bool = _field(True, "sjc: Eq. 16, D - y (True, the original) or Eq. 15, D - z")
     noise_samples: int = _field(1, "sjc, sds: noise draws averaged per view (1 = the original)")

@@ -52,7 +52,7 @@ Metrics = dict[str, Array]
 Estimator = Callable[[Array, Denoiser, Any, Array, Array, Array], tuple[Array, Metrics]]
 
 SCALES = ("sigma", "sigma2")
-ESTIMATORS = ("sjc", "sds", "nfsd", "csd")
+ESTIMATORS = ("sjc", "sds", "nfsd", "csd", "naive")
 
 
 class StatefulEstimator(NamedTuple):
@@ -199,6 +199,23 @@ def sjc(
         g = jnp.mean(d - (images[None] if var_red else z), axis=0) / sigma_b
         g = g / sigma_b if scale == "sigma2" else g
         return -g, {}
+
+    return estimate
+
+
+def naive(*, guidance_scale: float = 100.0) -> Estimator:
+    """Naive scoring: the denoiser applied to the render itself, no perturbation.
+
+    ``g = (D_cfg(y, sigma) - y) / sigma`` with the render ``y`` as the noisy input at level
+    sigma; returns ``-g``. This is what PAAS replaces (Wang et al., Sec. 3.3): a render is off
+    the denoiser's noisy-image manifold at every sigma, so a learned denoiser's output there is
+    unreliable. ``key`` is not used.
+    """
+    _check_scale("guidance_scale", guidance_scale)
+
+    def estimate(key, denoiser, params, images, sigma, labels):
+        d = guided(denoiser, params, images[None], sigma, labels, guidance_scale)[0]
+        return -(d - images) / per_image(sigma), {}
 
     return estimate
 

@@ -70,6 +70,8 @@ def estimator_from_config(config: SJCConfig) -> estimators.Estimator:
             switch_timestep=s.nfsd_switch_timestep,
             weighting_name=s.sds_weighting,
         )
+    if s.estimator == "naive":
+        return estimators.naive(guidance_scale=s.guidance_scale)
     return estimators.csd(weighting_name=s.sds_weighting, negative_weight=s.csd_negative_weight)
 
 

@@ -80,6 +80,13 @@ def exact(name, y, sigma, labels, n, **kw):
         late = (np.asarray(t) >= kw.get("switch_timestep", 200))[:, None, None, None]
         delta_d = np.where(late, eps(UNCONDITIONAL) - eps(NEGATIVE), eps(UNCONDITIONAL))
         return w * (delta_d + s * (eps(labels) - eps(UNCONDITIONAL)))
+    if name == "naive":
+        y_b = y + 0 * n  # the render itself is the denoiser's input
+        a, b = coefficients(labels, sig)
+        a_u, b_u = coefficients(UNCONDITIONAL, sig)
+        d_c, d_u = a * y_b + b, a_u * y_b + b_u
+        d_cfg = d_u + s * (d_c - d_u) if s != 1 else d_c
+        return -(d_cfg - y_b) / sig_b
     if name == "csd":
         grad = eps(labels) - eps(UNCONDITIONAL)
         grad = grad - kw.get("negative_weight", 0.0) * (eps(NEGATIVE) - eps(UNCONDITIONAL))
@@ -98,6 +105,8 @@ CASES = [
     ("nfsd", {"guidance_scale": 2.0, "weighting_name": "uniform", "switch_timestep": 500}),
     ("csd", {}),
     ("csd", {"negative_weight": 0.5, "weighting_name": "uniform"}),
+    ("naive", {"guidance_scale": 1.0}),
+    ("naive", {"guidance_scale": 4.0}),
 ]
 Y = np.array([-1.0, 0.0, 0.8, 2.0, 0.5, -0.2], np.float32).reshape(3, 1, 2, 1)
 LABELS = np.array([0, 1, 0], np.int32)

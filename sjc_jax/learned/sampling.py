@@ -60,27 +60,39 @@ def ddim_sample(
     steps: int = 50,
     guidance: float = 1.0,
     sigma_max: float | None = None,
+    clip: tuple[float, float] | None = None,
+    eta: float = 0.0,
 ) -> Array:
     """Samples ``[B, H, W, C]`` for condition ``labels [B]`` by DDIM from pure noise.
 
-    ``z_0 = sigma_max n`` (the table's top level by default), then `sampling_levels`.
+    ``z_0 = sigma_max n`` (the table's top level by default), then `sampling_levels`. ``clip``
+    clips each step's denoised estimate to a range (diffusers' ``clip_sample`` for pixel
+    models: at large sigma an epsilon error e is an error sigma e of D). ``eta`` in [0, 1]
+    adds fresh noise per step (DDIM's eta; 1 = ancestral sampling): the step goes down to
+    ``sigma_down`` and adds ``sigma_up n``, with ``sigma_up = eta sigma' sqrt(1 - sigma'^2 /
+    sigma^2)`` and ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``.
     """
     labels = jnp.asarray(labels, jnp.int32)
     levels = jnp.asarray(sampling_levels(denoiser.sigmas, steps, sigma_max=sigma_max))
     b = labels.shape[0]
     shape = (b, denoiser.resolution, denoiser.resolution, denoiser.channels)
-    z = levels[0] * jax.random.normal(key, shape, jnp.float32)
+    key, k0 = jax.random.split(key)
+    z = levels[0] * jax.random.normal(k0, shape, jnp.float32)
+    keys = jax.random.split(key, steps)
 
     @jax.jit
-    def run(params, z, levels):
+    def run(params, z, levels, keys):
         model = dataclasses.replace(denoiser, params=params)  # params as an argument
 
-        def body(z, pair):
-            sigma, nxt = pair
+        def body(z, inputs):
+            sigma, nxt, k = inputs
             d = guided_denoise(model, z, jnp.full((b,), sigma), labels, guidance)
-            return d + nxt * (z - d) / sigma, None
+            d = d if clip is None else jnp.clip(d, *clip)
+            up = eta * nxt * jnp.sqrt(jnp.maximum(1.0 - jnp.square(nxt / sigma), 0.0))
+            down = jnp.sqrt(jnp.maximum(jnp.square(nxt) - jnp.square(up), 0.0))
+            return d + down * (z - d) / sigma + up * jax.random.normal(k, z.shape), None
 
-        z, _ = jax.lax.scan(body, z, (levels[:-1], levels[1:]))
+        z, _ = jax.lax.scan(body, z, (levels[:-1], levels[1:], keys))
         return z
 
-    return run(denoiser.params, z, levels)
+    return run(denoiser.params, z, levels, keys)
