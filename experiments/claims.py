@@ -34,6 +34,7 @@ writes ``OUT/CLAIM.md`` and ``OUT/CLAIM.json`` per claim. Claims can run in sepa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -176,12 +177,17 @@ def lift_table(results: dict[str, list[dict]], scenes, extra: dict | None = None
 # --- variance of g (claim "eq") ----------------------------------------------------------------
 
 
+_HALF = {}
+
+
 def half_optimised_grid(args, scene, models, steps: int = 150):
     """The preset's lift of ``scene`` (seed 0) after ``steps`` steps: the OOD renders' source."""
-    config = configure({}, args.model, scene, 0, steps)
-    model = models.get(config)
-    state, _, _ = lift(config, model)
-    return config, model, state
+    if (args.model, scene) not in _HALF:
+        config = configure({}, args.model, scene, 0, steps)
+        model = models.get(config)
+        state, _, _ = lift(config, model)
+        _HALF[args.model, scene] = config, model, state
+    return _HALF[args.model, scene]
 
 
 def estimator_variance(args, models, rows: dict[str, dict], draws: int = 64) -> dict:
@@ -234,35 +240,21 @@ def _best_scale_residual(m: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     return float(np.mean(cos)), float(np.mean(res))
 
 
-def paas_sigma(args, models, draws: int = 256) -> tuple[str, dict]:
-    from sjc_jax.learned.train import TrainConfig, render_training_set
-    from sjc_jax.render import render_cameras
-    from sjc_jax.testbed.empirical import make_empirical_denoiser
-    from sjc_jax.testbed.scenes import heldout_cameras, render_views
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _paas_mean(den, params, y, sigma, labels, key, draws):
+    """``E_n[D(y + sigma n, sigma)] - y`` over ``draws`` noise samples (one call)."""
+    noise = jax.random.normal(key, (draws,) + y.shape)
+    z = (y[None] + sigma[None, :, None, None, None] * noise).reshape((-1,) + y.shape[1:])
+    d = den.apply(params, z, jnp.tile(sigma, draws), jnp.tile(labels, draws))
+    return jnp.mean(d.reshape((draws,) + y.shape), axis=0) - y
 
-    meta = learned_model.load_model(learned.resolve(args.model)).meta
-    train_config = TrainConfig.from_dict(meta["training"]["config"])
-    images, scene_ids, views = render_training_set(train_config)
+
+def paas_sigma(args, models, draws: int = 256) -> tuple[str, dict]:
+    exact_of = _exact_denoisers(args, models)
     timesteps = (25, 50, 100, 200, 400)
     rows = []
-    for scene in args.scenes:
-        config = configure({}, args.model, scene, 0, None)
-        model = models.get(config)
-        index = list(train_config.scenes).index(scene) if scene in train_config.scenes else None
-        if index is None:
-            continue
-        mine = scene_ids == index
-        exact = make_empirical_denoiser(images[mine], views[mine], sigmas=model.denoiser.sigmas)
-        cameras, labels = heldout_cameras(image_size=32, radius=config.camera.radius)
-        pick = np.array([0, 2, 4, 9])
-        cams = jax.tree_util.tree_map(lambda a, pick=pick: a[pick], cameras)
-        labels = jnp.asarray(labels)[pick]
-        truth = learned.ground_truth_of(
-            learned_model.load_model(learned.resolve(args.model)), scene
-        )
-        on_manifold = jnp.clip(render_views(truth[0], cams, config.render_config())[0], 0, 1)
-        _, _, half = half_optimised_grid(args, scene, models)
-        off_manifold = render_cameras(half.grid, cams, config.render_config()).images
+    for scene, exact in exact_of.items():
+        model, labels, on_manifold, off_manifold = _probe_images(args, scene, models)
         for where, y in (
             ("true-scene renders", on_manifold),
             ("half-optimised lift", off_manifold),
@@ -275,17 +267,10 @@ def paas_sigma(args, models, draws: int = 256) -> tuple[str, dict]:
                     d = exact.apply(exact.params, y, jnp.full_like(sig, s), labels)
                     ref[label] = np.asarray(d - y, np.float64)
                 for name, den in (("exact", exact), ("learned", model.denoiser)):
-
-                    def paas_mean(key, den=den, sig=sig, y=y, sigma=sigma, labels=labels):
-                        noise = jax.random.normal(key, (draws,) + y.shape)
-                        z = y[None] + sigma * noise
-                        flat = z.reshape((-1,) + y.shape[1:])
-                        d = den.apply(
-                            den.params, flat, jnp.tile(sig, draws), jnp.tile(labels, draws)
-                        )
-                        return jnp.mean(d.reshape(z.shape), axis=0) - y
-
-                    m = np.asarray(jax.jit(paas_mean)(jax.random.key(t)), np.float64)
+                    m = np.asarray(
+                        _paas_mean(den, den.params, y, sig, labels, jax.random.key(t), draws),
+                        np.float64,
+                    )
                     row = {
                         "scene": scene,
                         "images": where,
@@ -326,11 +311,140 @@ def paas_sigma(args, models, draws: int = 256) -> tuple[str, dict]:
     return "\n".join(lines), {"rows": rows}
 
 
+def _probe_images(args, scene, models):
+    """``(model, labels [4], on [4, H, W, 3], off [4, H, W, 3])``: 4 held-out cameras (front,
+    side, back, overhead), the true scene's renders there (on the data manifold) and the
+    half-optimised lift's (off it)."""
+    from sjc_jax.render import render_cameras
+    from sjc_jax.testbed.scenes import heldout_cameras, render_views
+
+    config = configure({}, args.model, scene, 0, None)
+    model = models.get(config)
+    cameras, labels = heldout_cameras(image_size=32, radius=config.camera.radius)
+    pick = np.array([0, 2, 4, 9])
+    cams = jax.tree_util.tree_map(lambda a, pick=pick: a[pick], cameras)
+    truth = learned.ground_truth_of(learned_model.load_model(learned.resolve(args.model)), scene)
+    on = jnp.clip(render_views(truth[0], cams, config.render_config())[0], 0, 1)
+    _, _, half = half_optimised_grid(args, scene, models)
+    off = render_cameras(half.grid, cams, config.render_config()).images
+    return model, jnp.asarray(labels)[pick], on, off
+
+
+_EXACT = {}
+
+
+def _exact_denoisers(args, models):
+    """Per scene: the exact posterior-mean denoiser of the model's own training renders."""
+    if args.model in _EXACT:
+        return _EXACT[args.model]
+    from sjc_jax.learned.train import TrainConfig, render_training_set
+    from sjc_jax.testbed.empirical import make_empirical_denoiser
+
+    meta = learned_model.load_model(learned.resolve(args.model)).meta
+    train_config = TrainConfig.from_dict(meta["training"]["config"])
+    images, scene_ids, views = render_training_set(train_config)
+    out = {}
+    for scene in args.scenes:
+        if scene in train_config.scenes:
+            mine = scene_ids == list(train_config.scenes).index(scene)
+            sigmas = models.get(configure({}, args.model, scene, 0, None)).denoiser.sigmas
+            out[scene] = make_empirical_denoiser(images[mine], views[mine], sigmas=sigmas)
+    _EXACT[args.model] = out
+    return out
+
+
+def quality(args, models, draws: int = 16) -> tuple[str, dict]:
+    """Denoising error of the learned model per sigma, against the exact posterior mean.
+
+    For clean images y (held-out renders of the true scene, and renders of a half-optimised
+    lift: SJC's out-of-distribution inputs), ``z = y + sigma n`` (``draws`` per image, 4
+    held-out cameras): RMSE of the learned D against the exact D* of the training renders, and
+    of each against y.
+    """
+
+    exact_of = _exact_denoisers(args, models)
+    timesteps = (10, 25, 50, 100, 200, 400, 600, 800)
+    rows = []
+    for scene, exact in exact_of.items():
+        model, labels, on, off = _probe_images(args, scene, models)
+        labels = jnp.tile(labels, draws)
+        for where, y in (("true-scene renders", on), ("half-optimised lift", off)):
+            y = jnp.tile(y, (draws, 1, 1, 1))
+            for t in timesteps:
+                sigma = jnp.full((y.shape[0],), float(model.denoiser.sigmas[t]))
+                z = y + sigma[:, None, None, None] * jax.random.normal(jax.random.key(t), y.shape)
+                d_l = _apply(model.denoiser, model.denoiser.params, z, sigma, labels)
+                d_e = _apply(exact, exact.params, z, sigma, labels)
+                rms = lambda a, b: float(jnp.sqrt(jnp.mean(jnp.square(a - b))))  # noqa: E731
+                rows.append(
+                    {
+                        "scene": scene,
+                        "images": where,
+                        "t": t,
+                        "sigma": float(sigma[0]),
+                        "learned vs exact": rms(d_l, d_e),
+                        "learned vs y": rms(d_l, y),
+                        "exact vs y": rms(d_e, y),
+                    }
+                )
+    lines = [
+        "| images | t | sigma | RMSE(D, D*) | RMSE(D, y) | RMSE(D*, y) |",
+        "|" + " --- |" * 6,
+    ]
+    for where in ("true-scene renders", "half-optimised lift"):
+        for t in timesteps:
+            mine = [r for r in rows if r["images"] == where and r["t"] == t]
+            lines.append(
+                f"| {where} | {t} | {mine[0]['sigma']:.3f} | "
+                + " | ".join(
+                    f"{np.mean([r[k] for r in mine]):.4f}"
+                    for k in ("learned vs exact", "learned vs y", "exact vs y")
+                )
+                + " |"
+            )
+    return "\n".join(lines), {"rows": rows}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(den, params, z, sigma, labels):
+    return den.apply(params, z, sigma, labels)
+
+
+def samples(args, models, per_view: int = 3) -> tuple[str, dict]:
+    """A figure of the model's own samples (ancestral DDIM, 50 steps, guidance 3, D clipped to
+    [0, 1]) per scene (rows) and view label (column groups: front, side, back, overhead)."""
+    import imageio
+
+    from sjc_jax.learned.sampling import ddim_sample
+
+    strips = []
+    for scene in args.scenes:
+        model = models.get(configure({}, args.model, scene, 0, None))
+        labels = jnp.repeat(jnp.arange(4), per_view)
+        x = ddim_sample(
+            model.denoiser,
+            jax.random.key(0),
+            labels,
+            steps=50,
+            guidance=3.0,
+            clip=(0.0, 1.0),
+            eta=1.0,
+        )
+        strips.append(np.concatenate(list(np.clip(np.asarray(x), 0, 1)), axis=1))
+    picture = np.kron(np.concatenate(strips), np.ones((3, 3, 1)))
+    path = os.path.join(args.out, "samples.png")
+    imageio.imwrite(path, (picture * 255 + 0.5).astype(np.uint8))
+    return f"![samples]({path})", {"path": path}
+
+
+NO_LIFTS = {"paas_sigma": paas_sigma, "quality": quality, "samples": samples}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for CLAIM.md and CLAIM.json")
     parser.add_argument(
-        "--claims", nargs="+", default=[*CLAIMS, "paas_sigma"], choices=[*CLAIMS, "paas_sigma"]
+        "--claims", nargs="+", default=[*CLAIMS, *NO_LIFTS], choices=[*CLAIMS, *NO_LIFTS]
     )
     parser.add_argument("--model", default="learned", help="a learned model directory")
     parser.add_argument("--scenes", nargs="+", default=["duck", "house", "robot", "mug"])
@@ -342,8 +456,8 @@ def main(argv=None) -> None:
     models = Models()
     for claim in args.claims:
         start = time.perf_counter()
-        if claim == "paas_sigma":
-            text, raw = paas_sigma(args, models)
+        if claim in NO_LIFTS:
+            text, raw = NO_LIFTS[claim](args, models)
         else:
             rows = {k: v for k, v in CLAIMS[claim].items() if args.rows is None or k in args.rows}
             results = {name: run_row(name, row, args, models) for name, row in rows.items()}

@@ -156,7 +156,7 @@ def test_help_says_what_each_flag_is(capsys):
     text = capsys.readouterr().out
     for flag in ("--estimator", "--sds-weighting", "--sigma-schedule", "--lr", "--config"):
         assert flag in text
-    assert "score estimator: sjc, sds, nfsd or csd" in " ".join(text.split())
+    assert "score estimator: sjc, sds, nfsd, csd or naive" in " ".join(text.split())
 
 
 @pytest.mark.parametrize(
