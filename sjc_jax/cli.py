@@ -158,6 +158,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _outcome(
+    action: typing.Callable[[], dict[str, Any]],
+    *,
+    interrupted: type[BaseException],
+    fatal: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run ``action`` and print its summary as JSON (exit 0), or map what it raises to one line:
+    ``interrupted`` exits 130, ``fatal`` (work kept, run stopped) and other OS errors 1, bad
+    input (ValueError, a missing file) 2."""
+    try:
+        summary = action()
+    except interrupted as err:
+        return _fail(str(err), 130)
+    except fatal as err:
+        return _fail(str(err), 1)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}", 1)
+    print(json.dumps(summary))
+    return 0
+
+
 def _add_train_parser(sub) -> None:
     from sjc_jax.learned.train import TrainConfig
 
@@ -204,26 +228,29 @@ def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
         for name in ("steps", "batch_size", "lr", "seed", "views_per_scene", "checkpoint_every")
         if getattr(args, name) is not None
     }
-    try:
+
+    def action() -> dict[str, Any]:
         if args.resume:
             extra = sorted(set(given) - {"steps"})
             if args.out or args.scenes or args.background or extra:
-                return _fail(
+                raise ValueError(
                     "--resume continues a training with its own settings (only --steps can change)"
                 )
             config, out, resume = None, args.resume, True
         else:
             if not args.out:
-                return _fail("train-model needs --out DIR (or --resume DIR)")
+                raise ValueError("train-model needs --out DIR (or --resume DIR)")
             if args.scenes is not None:
                 given["scenes"] = tuple(s.strip() for s in args.scenes.split(",") if s.strip())
             if args.background is not None:
                 try:
                     given["background"] = tuple(float(v) for v in args.background.split(","))
                 except ValueError:
-                    return _fail(f"--background must be R,G,B numbers, got {args.background!r}")
+                    raise ValueError(
+                        f"--background must be R,G,B numbers, got {args.background!r}"
+                    ) from None
             config, out, resume = learned_train.TrainConfig(**given), args.out, False
-        summary = learned_train.train(
+        return learned_train.train(
             config,
             out,
             resume=resume,
@@ -234,15 +261,8 @@ def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
             stop=stop,
             log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
         )
-    except learned_train.TrainInterrupted as err:
-        return _fail(str(err), 130)
-    except (ValueError, FileNotFoundError) as err:
-        return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        return _fail(f"{err.strerror or err}{where}", 1)
-    print(json.dumps(summary))
-    return 0
+
+    return _outcome(action, interrupted=learned_train.TrainInterrupted)
 
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -336,7 +356,7 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
     if args.command == "train-model":
         return _train_model(args, stop)
 
-    try:
+    def action() -> dict[str, Any]:
         steps = None
         if args.resume:
             out, resume = args.resume, True
@@ -345,17 +365,17 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
             if args.config or args.out or refused:
                 names = ["--" + n.replace("_", "-") for n in refused]
                 names += [f for f, v in (("--config", args.config), ("--out", args.out)) if v]
-                return _fail(
+                raise ValueError(
                     f"--resume continues a run with its own config; {', '.join(names)} cannot "
                     "change (only --steps can, to extend the run)"
                 )
             steps = given_fields(args).get("steps")
         else:
             if not args.out:
-                return _fail("run needs --out DIR (or --resume DIR)")
+                raise ValueError("run needs --out DIR (or --resume DIR)")
             out, resume = args.out, False
             config = config_from_args(args)
-        summary = runner.run(
+        return runner.run(
             config,
             out,
             resume=resume,
@@ -364,14 +384,9 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
             stop=stop,
             log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
         )
-    except runner.Interrupted as err:
-        return _fail(str(err), 130)
-    except (runner.NonFiniteError, runner.DiskFullError) as err:
-        return _fail(str(err), 1)
-    except (ValueError, FileNotFoundError) as err:
-        return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        return _fail(f"{err.strerror or err}{where}", 1)
-    print(json.dumps(summary))
-    return 0
+
+    return _outcome(
+        action,
+        interrupted=runner.Interrupted,
+        fatal=(runner.NonFiniteError, runner.DiskFullError),
+    )

@@ -247,3 +247,20 @@ def test_a_short_lift_with_the_committed_model_raises_psnr_and_iou():
     assert after["psnr"] > before["psnr"] + 3.0, (before["psnr"], after["psnr"])
     assert after["iou"] > before["iou"] + 0.3, (before["iou"], after["iou"])
     assert 0.0 <= after["janus"] <= 1.0
+
+
+def test_train_model_command_line_errors_are_one_line(tmp_path, capsys):
+    from sjc_jax import cli
+
+    cases = [
+        (["--out", str(tmp_path / "a"), "--scenes", "teapot"], "scene must be one of"),
+        (["--out", str(tmp_path / "b"), "--background", "1,x,1"], "--background must be R,G,B"),
+        (["--resume", str(tmp_path / "c"), "--scenes", "duck"], "only --steps can change"),
+        (["--resume", str(tmp_path / "d")], "not a training directory"),
+        ([], "train-model needs --out DIR"),
+    ]
+    for argv, match in cases:
+        assert cli.main(["train-model", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
