@@ -52,12 +52,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # tensorstore reports the OS error in its message: "... [os_error_code='28']".
 _FULL_TEXT = re.compile(

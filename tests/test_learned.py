@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sjc_jax import models
+from sjc_jax import models, rundir
 from sjc_jax.diffusion.denoiser import NEGATIVE, UNCONDITIONAL, vp_coefficients
 from sjc_jax.diffusion.tiny import _random_params
 from sjc_jax.learned import model as lm
@@ -194,7 +194,7 @@ def _train_config(**overrides):
 def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     config = _train_config()
     whole = lt.train(config, tmp_path / "whole", progress=False)
-    log = lt.read_log(tmp_path / "whole" / lt.LOG)
+    log = rundir.read_metrics(tmp_path / "whole" / lt.LOG)
     assert [r["step"] for r in log] == [4, 8, 12, 16]
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], log
     assert whole["finished"] and (tmp_path / "whole" / lt.LOSS_PLOT).is_file()
@@ -204,7 +204,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     done = lt.train(None, tmp_path / "part", resume=True, progress=False)
     assert done["finished"]
     # Loss means of the windows after the interruption are the uninterrupted run's.
-    resumed = lt.read_log(tmp_path / "part" / lt.LOG)
+    resumed = rundir.read_metrics(tmp_path / "part" / lt.LOG)
     assert [r["step"] for r in resumed] == [4, 8, 12, 16]
     assert [r["loss"] for r in resumed[2:]] == [r["loss"] for r in log[2:]]
     a = lm.load_model(tmp_path / "whole" / lt.MODEL)

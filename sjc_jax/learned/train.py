@@ -14,7 +14,7 @@ The training directory (``--out``)::
     train_config.json   the settings (and the command) of the training
     train.jsonl         one line per ``log_every`` steps: step, loss (mean since the last), lr,
                         seconds
-    loss.png            the loss curve
+    loss.png            the curves of train.jsonl (loss, lr; `export.save_metrics_plot`)
     checkpoints/        orbax checkpoints of the whole state (`sjc_jax.checkpoint`)
     model/              the trained model directory (`sjc_jax.learned.model`), EMA weights
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sjc_jax import checkpoint, files, interrupts
+from sjc_jax import checkpoint, export, files, interrupts, rundir
 from sjc_jax.learned.model import (
     VIEW_TOKENS,
     Architecture,
@@ -296,32 +296,6 @@ def _from_storable(like: dict[str, Any], stored: dict[str, Any]) -> dict[str, An
     return {**stored, "opt_state": jax.tree.unflatten(treedef, leaves)}
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """The loss curve (log scale) as a PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
-    ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.set_title("training loss")
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 class TrainInterrupted(ValueError):
     """Training stopped on request after checkpointing; the message says how to resume."""
 
@@ -404,8 +378,8 @@ def train(
         if log is not None:
             log(f"resuming at step {start}")
     log_path = out / LOG
-    history = [r for r in read_log(log_path) if r["step"] <= start]
-    files.write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+    rundir.truncate_metrics(log_path, start)  # the records after the restored step go
+    history = rundir.read_metrics(log_path)
     step_fn = make_train_step(config)
     stop = stop if stop is not None else interrupts.StopRequest()
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
@@ -450,10 +424,10 @@ def train(
                 bar.set_postfix(loss=f"{mean:.4f}")
             if step % config.checkpoint_every == 0 or step == end:
                 save()
-                plot_loss(history, out / LOSS_PLOT)
+                export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
             if stop.requested and step < end:
                 save()
-                plot_loss(history, out / LOSS_PLOT)
+                export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
                 bar.close()
                 raise TrainInterrupted(
                     f"training interrupted at step {step} (checkpointed); continue with: "
