@@ -6,7 +6,8 @@
 # Prints versions, then `python -m sjc_jax bench` JSON lines (renderer; the SJC step in bfloat16
 # with the default and diffusers' attention, then float32), a testbed lift (duck preset: wall
 # time, eval PSNR / IoU) and the numerics tests on the GPU. PARTS="bench tests/test_x.py" picks
-# parts (bench, testbed, tests, gpu_tests: the tests that run only on a GPU, or test files).
+# parts (bench, testbed, tests, learned: the learned model's default training, gpu_tests: the
+# tests that run only on a GPU, or test files).
 # Each part has its own time limit so a slow one cannot eat the rest; results also go to $OUT.
 # Wheels in .whl/ (diffusers 0.39, transformers 4.x, ... for images without them) are installed
 # first; .whl/pins/ (flax, optax, chex of requirements.txt) only if the image's own do not work.
@@ -54,6 +55,11 @@ for p in $PARTS; do
     bench) part bench 250 $PY -m sjc_jax bench --repeats 30 --dtypes bfloat16,float32 \
       --attention auto,diffusers ;;
     testbed) part testbed 90 $PY experiments/testbed_timing.py ;;
+    # The learned model's default training (4 scenes, 4000 steps, seed 0) on the GPU: its
+    # budget is under 2 minutes there; the summary JSON line has render and train seconds. Not
+    # in the default PARTS (with it they pass one call's 600 s): PARTS="learned bench".
+    learned) part learned 240 $PY -m sjc_jax train-model --out /tmp/sjc_learned_train \
+      --no-progress ;;
     tests) part tests 100 $PY -m pytest -q -p no:cacheprovider -p no:logging tests/test_render.py \
       tests/test_grid.py tests/test_estimators.py tests/test_empirical.py tests/test_attention.py ;;
     gpu_tests) part gpu_tests 60 $PY -m pytest -q -p no:cacheprovider -p no:logging \
