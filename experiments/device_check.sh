@@ -56,9 +56,10 @@ for p in $PARTS; do
       --attention auto,diffusers ;;
     testbed) part testbed 90 $PY experiments/testbed_timing.py ;;
     # The learned model's default training (4 scenes, 4000 steps, seed 0) on the GPU: its
-    # budget is under 2 minutes there; the summary JSON line has render and train seconds. Not
+    # budget is under 2 minutes there; the summary JSON line has render and train seconds (a
+    # fresh empty --out each time, so the part can be rerun on a warm machine). Not
     # in the default PARTS (with it they pass one call's 600 s): PARTS="learned bench".
-    learned) part learned 240 $PY -m sjc_jax train-model --out /tmp/sjc_learned_train \
+    learned) part learned 240 $PY -m sjc_jax train-model --out "$(mktemp -d)" \
       --no-progress ;;
     tests) part tests 100 $PY -m pytest -q -p no:cacheprovider -p no:logging tests/test_render.py \
       tests/test_grid.py tests/test_estimators.py tests/test_empirical.py tests/test_attention.py ;;
