@@ -124,8 +124,9 @@ def denoise(
 def guided(
     denoiser: Denoiser, params: Any, z: Array, sigma: Array, labels: Array, guidance_scale: float
 ) -> Array:
-    """Classifier-free guided ``D_cfg [n, B, H, W, C]`` (conditional only when the scale is 1)."""
-    if guidance_scale == 1.0:
+    """Classifier-free guided ``D_cfg [n, B, H, W, C]`` (conditional only when the scale is 1; a
+    traced scale, a batch's per-lift value, always takes both halves)."""
+    if not isinstance(guidance_scale, jax.core.Tracer) and guidance_scale == 1.0:
         return denoise(denoiser, params, z, sigma, labels)[0]
     d_uncond, d_cond = denoise(denoiser, params, z, sigma, UNCONDITIONAL, labels)
     return classifier_free_guidance(d_uncond, d_cond, guidance_scale)
@@ -160,6 +161,8 @@ def weighting(name: str) -> Callable[[Array], Array]:
 
 
 def _check_scale(name: str, value: float) -> None:
+    if isinstance(value, jax.core.Tracer):  # a batch's per-lift value, checked concretely before
+        return
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 

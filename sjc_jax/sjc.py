@@ -14,7 +14,7 @@ weights and the step count are traced, so nothing recompiles.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -48,40 +48,56 @@ class TrainState:
 # --- the research choices of a config, as values ---------------------------------------------
 
 
-def estimator_from_config(config: SJCConfig) -> estimators.Estimator:
-    """The config's estimator (``config.score``), built with the scalars it needs."""
+def _value(section: Any, name: str, scalars: Mapping[str, Any] | None) -> Any:
+    """``scalars[name]`` when given (a traced per-lift value of a batch), else the config's."""
+    return getattr(section, name) if scalars is None or name not in scalars else scalars[name]
+
+
+def estimator_from_config(
+    config: SJCConfig, scalars: Mapping[str, Any] | None = None
+) -> estimators.Estimator:
+    """The config's estimator (``config.score``), built with the scalars it needs.
+
+    ``scalars`` (here and in the other ``*_from_config``) overrides fields by name with values
+    that may be traced (`sjc_jax.sweep` passes each lift's own); the config was validated with
+    its concrete values first.
+    """
     s = config.score
+    guidance_scale = _value(s, "guidance_scale", scalars)
     if s.estimator == "sjc":
         return estimators.sjc(
-            guidance_scale=s.guidance_scale,
+            guidance_scale=guidance_scale,
             var_red=s.var_red,
             noise_samples=s.noise_samples,
             scale=s.score_scale,
         )
     if s.estimator == "sds":
         return estimators.sds(
-            guidance_scale=s.guidance_scale,
+            guidance_scale=guidance_scale,
             weighting_name=s.sds_weighting,
             noise_samples=s.noise_samples,
         )
     if s.estimator == "nfsd":
         return estimators.nfsd(
-            guidance_scale=s.guidance_scale,
+            guidance_scale=guidance_scale,
             switch_timestep=s.nfsd_switch_timestep,
             weighting_name=s.sds_weighting,
         )
     if s.estimator == "naive":
-        return estimators.naive(guidance_scale=s.guidance_scale)
+        return estimators.naive(guidance_scale=guidance_scale)
     return estimators.csd(weighting_name=s.sds_weighting, negative_weight=s.csd_negative_weight)
 
 
-def sigma_sampler_from_config(config: SJCConfig) -> samplers.SigmaSampler:
+def sigma_sampler_from_config(
+    config: SJCConfig, scalars: Mapping[str, Any] | None = None
+) -> samplers.SigmaSampler:
     """The config's noise-level schedule (``config.score.sigma_schedule``)."""
     s, steps = config.score, config.run.steps
+    t_min, t_max = _value(s, "t_min", scalars), _value(s, "t_max", scalars)
     if s.sigma_schedule == "random":
-        return samplers.random_sigma(t_min=s.t_min, t_max=s.t_max)
+        return samplers.random_sigma(t_min=t_min, t_max=t_max)
     if s.sigma_schedule == "annealed":
-        return samplers.annealed_sigma(t_min=s.t_min, t_max=s.t_max, num_steps=steps)
+        return samplers.annealed_sigma(t_min=t_min, t_max=t_max, num_steps=steps)
     if s.sigma_schedule == "fixed":
         return samplers.fixed_sigma(timestep=s.t_max)
     return samplers.dreamtime_sigma(t_min=s.t_min, t_max=s.t_max, num_steps=steps)
@@ -100,27 +116,38 @@ def camera_sampler_from_config(config: SJCConfig, image_size: int) -> samplers.C
     )
 
 
-def regularizers_from_config(config: SJCConfig) -> tuple[losses.Regularizer, ...]:
-    """Emptiness always (the original), center depth when its weight is positive."""
+def regularizers_from_config(
+    config: SJCConfig, scalars: Mapping[str, Any] | None = None
+) -> tuple[losses.Regularizer, ...]:
+    """Emptiness always (the original), center depth when its weight is positive (in
+    ``config``; a batch whose lifts differ in it passes the config of a positive one)."""
     r = config.regularizers
     regs = [
         losses.emptiness(
-            weight=r.emptiness_weight,
-            scale=r.emptiness_scale,
-            multiplier=r.emptiness_multiplier,
+            weight=_value(r, "emptiness_weight", scalars),
+            scale=_value(r, "emptiness_scale", scalars),
+            multiplier=_value(r, "emptiness_multiplier", scalars),
             ramp_fraction=r.emptiness_step,
             num_steps=config.run.steps,
         )
     ]
     if r.center_depth_weight > 0:
-        regs.append(losses.center_depth(weight=r.center_depth_weight))
+        regs.append(losses.center_depth(weight=_value(r, "center_depth_weight", scalars)))
     return tuple(regs)
 
 
-def optimizer_from_config(config: SJCConfig) -> optax.GradientTransformation:
+def optimizer_from_config(
+    config: SJCConfig, scalars: Mapping[str, Any] | None = None
+) -> optax.GradientTransformation:
     """The original's Adamax with the config's learning rates (`optim.sjc_adamax`)."""
     o = config.optimizer
-    return optim.sjc_adamax(lr=o.lr, background_lr=o.background_lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    return optim.sjc_adamax(
+        lr=_value(o, "lr", scalars),
+        background_lr=_value(o, "background_lr", scalars),
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+    )
 
 
 # --- state and step ---------------------------------------------------------------------------
@@ -187,7 +214,15 @@ def _view_spec(mesh: jax.sharding.Mesh | None, batch: int):
     return PartitionSpec(mesh.axis_names[0])
 
 
-def make_step(
+def make_step(config: SJCConfig, denoiser: Denoiser, **choices: Any) -> Step:
+    """One jitted step ``(state, denoiser_params) -> (state, metrics)``; the state is donated.
+
+    `step_function`'s step under ``jax.jit`` (the arguments are its; see there).
+    """
+    return jax.jit(step_function(config, denoiser, **choices), donate_argnums=0)
+
+
+def step_function(
     config: SJCConfig,
     denoiser: Denoiser,
     *,
@@ -197,8 +232,11 @@ def make_step(
     regularizers: Sequence[losses.Regularizer] | None = None,
     optimizer: optax.GradientTransformation | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    view_sharding: jax.sharding.Sharding | None = None,
+    validate: bool = True,
 ) -> Step:
-    """One jitted step ``(state, denoiser_params) -> (state, metrics)``; the state is donated.
+    """The step ``(state, denoiser_params) -> (state, metrics)``, not jitted (`make_step` jits
+    it; `sjc_jax.sweep` vmaps it over lifts first).
 
     Args:
       config: read for the batch (``run.views_per_step``), the renderer and the defaults of every
@@ -213,6 +251,10 @@ def make_step(
       regularizers: functions ``(views, step) -> (loss [b], metrics)`` (`sjc_jax.losses`).
       optimizer: an ``optax.GradientTransformation`` over the grid (pass the same one to
         `init_state`).
+      view_sharding: a sharding constraint put on the rendered views (a batch of lifts splits
+        each lift's views this way inside its vmap, instead of ``mesh``).
+      validate: check the sigma sampler's bounds concretely here (a batch builds its lifts'
+        steps from traced scalars, checked per lift before, and passes False).
       mesh: a one-axis mesh: the B views are split over its devices (the renderer and its VJP
         run per device in `jax.shard_map`; the estimator runs on the sharded batch under jit's
         partitioner; the grid is replicated and its gradient summed). B must be a multiple of
@@ -243,11 +285,11 @@ def make_step(
     regularizers = tuple(regularizers_from_config(config) if regularizers is None else regularizers)
     optimizer = optimizer_from_config(config) if optimizer is None else optimizer
     sigmas = jnp.asarray(denoiser.sigmas, jnp.float32)
-    # Refuse bad timestep bounds here, in one line, rather than at the first traced step.
-    jax.eval_shape(
-        lambda key: sigma_sampler(key, jnp.zeros((), jnp.int32), sigmas, batch),
-        jax.random.key(0),
-    )
+    if validate:  # refuse bad timestep bounds here, in one line, not at the first traced step
+        jax.eval_shape(
+            lambda key: sigma_sampler(key, jnp.zeros((), jnp.int32), sigmas, batch),
+            jax.random.key(0),
+        )
     spec = _view_spec(mesh, batch)
 
     def render_views(grid: VoxelGrid, cameras, step: Array):
@@ -281,6 +323,8 @@ def make_step(
         (images, reg), vjp_fn, view_metrics = jax.vjp(objective, state.grid, has_aux=True)
         if spec is not None:
             images = jax.lax.with_sharding_constraint(images, NamedSharding(mesh, spec))
+        elif view_sharding is not None:
+            images = jax.lax.with_sharding_constraint(images, view_sharding)
         cotangent, est_metrics, estimator_state = estimator.update(
             key_estimator, denoiser, params, images, sigma, labels, state.estimator_state
         )
@@ -310,7 +354,7 @@ def make_step(
         )
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return step
 
 
 def views_mesh(batch: int) -> jax.sharding.Mesh | None:

@@ -105,7 +105,10 @@ def snap_sigma(sigmas: Array, sigma: Array) -> Array:
 
 
 def check_timestep_bounds(t_min: int, t_max: int, num_timesteps: int) -> None:
-    """Raise ValueError unless ``0 <= t_min <= t_max < num_timesteps``."""
+    """Raise ValueError unless ``0 <= t_min <= t_max < num_timesteps`` (traced bounds, a batch's
+    per-lift values checked concretely before, pass)."""
+    if isinstance(t_min, jax.core.Tracer) or isinstance(t_max, jax.core.Tracer):
+        return
     if not 0 <= t_min <= t_max < num_timesteps:
         raise ValueError(
             f"need 0 <= t_min <= t_max < {num_timesteps} (table size), got {t_min}, {t_max}"
