@@ -123,6 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="start from a config file (e.g. a run's config.json)"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(run)
+    _add_sweep_parser(sub)
+    _add_train_parser(sub)
+    bench = sub.add_parser("bench", help="time the renderer and the SJC step; prints JSON")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
+    bench.add_argument(
+        "--parts", default="render,step", help="comma list of render, step (step needs ~4 GB)"
+    )
+    bench.add_argument(
+        "--dtypes", default="float32,bfloat16", help="comma list of UNet dtypes of the step"
+    )
+    bench.add_argument(
+        "--attention",
+        default="auto",
+        help="comma list of UNet attention kernels of the step (auto, diffusers, xla, cudnn)",
+    )
+    return parser
+
+
+def _add_config_flags(run: argparse.ArgumentParser) -> None:
+    """Every run-config field as a flag of ``run``, by its bare name."""
     preset, default_model = _preset_of_default_model()
     for cls, field, tp in _config_fields():
         flag = "--" + field.name.replace("_", "-")
@@ -141,21 +162,147 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument(
                 flag, dest=field.name, type=kind, default=None, help=f"{help_text} [{group}]"
             )
-    _add_train_parser(sub)
-    bench = sub.add_parser("bench", help="time the renderer and the SJC step; prints JSON")
-    bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
-    bench.add_argument(
-        "--parts", default="render,step", help="comma list of render, step (step needs ~4 GB)"
+
+
+def _add_sweep_parser(sub) -> None:
+    sweep = sub.add_parser(
+        "sweep",
+        help="many lifts at once: seeds x scenes/prompts x settings in one batched, jitted step",
+        description="The grid product of --seeds, --scenes or --prompts and every --set runs "
+        "as one batch (sjc_jax.sweep); every other flag is the lifts' shared base, as for run. "
+        "Each lift gets a run directory under --out, plus sweep.json and report.html.",
     )
-    bench.add_argument(
-        "--dtypes", default="float32,bfloat16", help="comma list of UNet dtypes of the step"
+    sweep.add_argument("--out", help="sweep directory (created; must be missing or empty)")
+    sweep.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR (no other flag)")
+    sweep.add_argument("--config", metavar="FILE", help="the shared base from a config file")
+    sweep.add_argument("--seeds", help="seeds: a list and ranges, e.g. 0-7 or 0,3,5-6")
+    sweep.add_argument("--scenes", help="testbed scenes: comma list of names or grid files")
+    sweep.add_argument("--prompts", metavar="FILE", help="prompts, one a line (SD models)")
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="a traced field's values (lr, guidance_scale, loss weights, t_min / t_max); "
+        "repeat for a grid product",
     )
-    bench.add_argument(
-        "--attention",
-        default="auto",
-        help="comma list of UNet attention kernels of the step (auto, diffusers, xla, cudnn)",
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one process of a multi-host job: jax.distributed.initialize() (TPU pod slices, "
+        "SLURM and other clusters it detects; or give the three flags below)",
     )
-    return parser
+    sweep.add_argument("--coordinator", metavar="HOST:PORT", help="the first process's address")
+    sweep.add_argument("--num-processes", type=int, help="how many processes the job has")
+    sweep.add_argument("--process-id", type=int, help="this process's index (0 first)")
+    _add_config_flags(sweep)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                low, high = (int(v) for v in part.split("-", 1))
+                if high < low:
+                    raise ValueError(part)
+                seeds.extend(range(low, high + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        raise ValueError(f"--seeds must be numbers and ranges like 0-7,9, got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds names no seed: {text!r}")
+    return seeds
+
+
+def parse_sets(items: list[str]) -> dict[str, list[Any]]:
+    """``["lr=0.05,0.1"]`` -> ``{"lr": [0.05, 0.1]}``, each value parsed as its field's type."""
+    types_ = {field.name: tp for _, field, tp in _config_fields()}
+    sets: dict[str, list[Any]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise ValueError(f"--set needs FIELD=V1,V2,..., got {item!r}")
+        if name not in types_:
+            raise ValueError(f"--set: unknown config field {name!r}")
+        kind, is_bool = _field_parser(types_[name])
+        parse = (lambda v: v.lower() in ("1", "true", "yes")) if is_bool else kind
+        try:
+            sets[name] = [parse(v.strip()) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--set {name}: cannot read {values!r} as {kind.__name__}") from None
+    return sets
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` for ``--distributed`` or the explicit process flags."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if any(v is None for v in explicit) and any(v is not None for v in explicit):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    import jax
+
+    try:
+        if args.coordinator is None:
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator,
+                num_processes=args.num_processes,
+                process_id=args.process_id,
+            )
+    except (RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot join the distributed job: {first}") from None
+
+
+def _sweep(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
+    from sjc_jax import runner, sweep_run
+
+    def action() -> dict[str, Any]:
+        log = lambda line: print(f"{PROG}: {line}", file=sys.stderr)  # noqa: E731
+        _initialize_distributed(args)
+        if args.resume:
+            given = sorted(given_fields(args))
+            extra = [f for f in ("out", "config", "seeds", "scenes", "prompts") if getattr(args, f)]
+            if given or extra or args.set:
+                raise ValueError("--resume continues a sweep with its own plan (no other flag)")
+            return sweep_run.run_sweep(
+                None, args.resume, resume=True, progress=not args.no_progress, stop=stop, log=log
+            )
+        if not args.out:
+            raise ValueError("sweep needs --out DIR (or --resume DIR)")
+        prompts = None
+        if args.prompts:
+            try:
+                lines = open(args.prompts).read().splitlines()
+            except OSError as err:
+                raise ValueError(f"cannot read --prompts {args.prompts}: {err.strerror}") from None
+            prompts = [line.strip() for line in lines if line.strip()]
+        lifts = sweep_run.expand(
+            config_from_args(args),
+            seeds=parse_seeds(args.seeds) if args.seeds else None,
+            scenes=[s.strip() for s in args.scenes.split(",") if s.strip()]
+            if args.scenes
+            else None,
+            prompts=prompts,
+            sets=parse_sets(args.set),
+        )
+        return sweep_run.run_sweep(
+            lifts, args.out, progress=not args.no_progress, stop=stop, log=log
+        )
+
+    return _outcome(
+        action,
+        interrupted=runner.Interrupted,
+        fatal=(runner.NonFiniteError, runner.DiskFullError),
+    )
 
 
 def _outcome(
@@ -355,6 +502,8 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
     compile_cache.enable()  # before anything compiles; $SJC_JAX_COMPILE_CACHE=0 turns it off
     if args.command == "train-model":
         return _train_model(args, stop)
+    if args.command == "sweep":
+        return _sweep(args, stop)
 
     def action() -> dict[str, Any]:
         steps = None

@@ -51,6 +51,10 @@ class RenderConfig:
     # Under jax.vmap the switch becomes a select that runs every tier: render a batch of views
     # by flattening their rays into one `render_rays` call instead (as `make_step` does).
     compact_tiers: tuple[float, ...] = (0.55, 0.65, 0.75)
+    # Performance only: the name of an enclosing vmap axis (a batch of lifts, `sjc_jax.sweep`)
+    # whose members share one packed-lookup size, the largest any of them needs, so the switch
+    # keeps an unbatched index and runs one tier instead of all. None = no such axis.
+    batch_axis: str | None = None
 
     def __post_init__(self):
         lo, hi = np.asarray(self.aabb, np.float64)
@@ -370,6 +374,8 @@ def render_rays(
     tiers = sorted({int(math.ceil(f * total)) for f in config.compact_tiers if f * total < total})
     branches = [compact_query(slots) for slots in tiers] + [dense_query]
     tier = jnp.searchsorted(jnp.asarray(tiers, jnp.int32), jnp.sum(counts), side="left")
+    if config.batch_axis is not None:
+        tier = jax.lax.pmax(tier, config.batch_axis)
     raw, feats = jax.lax.switch(tier, branches, grid)
     sigma = jnp.where(valid, activate_density(raw, grid.density_scale, config.density_shift), 0.0)
     bg = jax.vmap(lambda d: bilinear(grid.background, background_uv(d)))(directions)

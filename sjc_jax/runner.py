@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from sjc_jax import checkpoint, export, files, interrupts, resources, rundir
+from sjc_jax import checkpoint, export, files, interrupts, report, resources, rundir
 from sjc_jax.artifacts import Artifacts, clear_unpublished, publish_final, read_eval
 from sjc_jax.config import SJCConfig
 from sjc_jax.devices import accelerator_warning, describe_backend
@@ -123,6 +123,7 @@ def run_loop(
     hooks: Sequence[Hook] = (),
     bar: Any = None,
     should_stop: Callable[[], bool] | None = None,
+    start: int | None = None,
 ) -> TrainState:
     """Step ``state`` up to step ``end``; returns the last state.
 
@@ -135,12 +136,15 @@ def run_loop(
       checkpoint_every: ``save(state)`` every this many steps and at the end.
       save: writes a checkpoint of a state (called with metrics fetched up to it, before the
         next step donates the state).
-      on_metrics: receives the fetched records ``{"step": i, name: float, ...}`` in order; raise
+      on_metrics: receives the fetched records ``{"step": i, name: float, ...}`` in order (a
+        batch of lifts' metrics are lists, one value a lift); raise
         in it to stop the loop (e.g. `NonFiniteError`).
       hooks: called after their steps, in order.
       bar: a tqdm bar to advance, or None.
       should_stop: asked after every step (and once before the first); when it answers True the
         loop flushes the metrics, saves the state (unless just saved) and raises `Interrupted`.
+      start: the state's step, when read from the state is not possible here (a batch of lifts
+        spread over processes); None reads ``state.step``.
 
     Raises:
       Interrupted: when ``should_stop()``, after the metrics and the save of the last step.
@@ -152,9 +156,9 @@ def run_loop(
         fetched = jax.device_get(pending)
         pending.clear()
         if fetched:
-            on_metrics([{"step": i, **{k: v.item() for k, v in m.items()}} for i, m in fetched])
+            on_metrics([{"step": i, **{k: v.tolist() for k, v in m.items()}} for i, m in fetched])
 
-    start = int(state.step)
+    start = int(state.step) if start is None else start
     if start < end and stop():
         raise Interrupted(f"interrupted at step {start}")
     for i in range(start, end):
@@ -533,6 +537,7 @@ def _run_locked(
             )
         part()
     publish_final(out, tmp)
+    report.write_run_index(out)  # derived from final/ (a kill before it loses only the page)
     if model.evaluate is not None:
         summary["eval"] = evaluation
     return summary

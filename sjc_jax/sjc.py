@@ -14,6 +14,7 @@ weights and the step count are traced, so nothing recompiles.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -233,6 +234,7 @@ def step_function(
     optimizer: optax.GradientTransformation | None = None,
     mesh: jax.sharding.Mesh | None = None,
     view_sharding: jax.sharding.Sharding | None = None,
+    lift_axis: str | None = None,
     validate: bool = True,
 ) -> Step:
     """The step ``(state, denoiser_params) -> (state, metrics)``, not jitted (`make_step` jits
@@ -253,6 +255,8 @@ def step_function(
         `init_state`).
       view_sharding: a sharding constraint put on the rendered views (a batch of lifts splits
         each lift's views this way inside its vmap, instead of ``mesh``).
+      lift_axis: the name of the vmap axis of a batch of lifts around this step (the renderer
+        then shares its packed-lookup size over the batch: `RenderConfig.batch_axis`).
       validate: check the sigma sampler's bounds concretely here (a batch builds its lifts'
         steps from traced scalars, checked per lift before, and passes False).
       mesh: a one-axis mesh: the B views are split over its devices (the renderer and its VJP
@@ -277,6 +281,8 @@ def step_function(
     """
     batch = config.run.views_per_step
     render_config = config.render_config()
+    if lift_axis is not None:
+        render_config = dataclasses.replace(render_config, batch_axis=lift_axis)
     estimator = estimators.as_stateful(
         estimator_from_config(config) if estimator is None else estimator
     )

@@ -51,6 +51,7 @@ TRACED = (
     "t_max",
 )
 _INTEGER = ("t_min", "t_max")
+LIFT_AXIS = "lift"  # the vmap axis of a batch (named: the renderer shares its lookup size on it)
 # Fields that may differ through the state and the params.
 PER_LIFT = ("seed", "scene", "prompt", "negative_prompt")
 _TRACED_BOUNDS_SCHEDULES = ("random", "annealed")
@@ -82,9 +83,7 @@ def lift_scalars(configs: Sequence[SJCConfig], names: Sequence[str]) -> dict[str
     """``{name: [N]}`` of the lifts' values (int32 for timesteps, float32 otherwise)."""
     flats = [c.to_flat() for c in configs]
     return {
-        name: np.asarray(
-            [f[name] for f in flats], np.int32 if name in _INTEGER else np.float32
-        )
+        name: np.asarray([f[name] for f in flats], np.int32 if name in _INTEGER else np.float32)
         for name in names
     }
 
@@ -216,13 +215,27 @@ def make_batched_step(
         kwargs = {k: choices[k] if k in choices else make() for k, make in built.items()}
         kwargs.update({k: v for k, v in choices.items() if k not in built})
         step = sjc.step_function(
-            base, denoiser, validate=False, view_sharding=view_sharding, **kwargs
+            base,
+            denoiser,
+            validate=False,
+            view_sharding=view_sharding,
+            lift_axis=LIFT_AXIS,
+            **kwargs,
         )
         return step(state, params)
 
     batched = jax.vmap(
-        body, in_axes=(0, params_axes, 0), spmd_axis_name="lifts" if mesh is not None else None
+        body,
+        in_axes=(0, params_axes, 0),
+        axis_name=LIFT_AXIS,
+        spmd_axis_name="lifts" if mesh is not None else None,
     )
-    jitted = jax.jit(lambda state, params: batched(state, params, scalars), donate_argnums=0)
-    return jitted
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
+    def step(state: TrainState, params: Any):
+        state, metrics = batched(state, params, scalars)
+        if replicated is not None:  # [N] scalars: on every process, for its lifts' logs
+            metrics = jax.lax.with_sharding_constraint(metrics, replicated)
+        return state, metrics
+
+    return jax.jit(step, donate_argnums=0)
