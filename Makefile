@@ -26,7 +26,7 @@ OUT ?= runs/$(if $(PROMPT),$(shell echo '$(PROMPT)' | tr -c 'a-zA-Z0-9\n' '_' | 
 SCENE ?=
 ARGS ?=
 
-.PHONY: test test-slow lint format bench run learned-model clean-venv
+.PHONY: test test-slow lint format bench run sweep learned-model clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,14 @@ run: $(RUN_STAMP)
 	$(PY) -m sjc_jax run --model '$(MODEL)' $(if $(PROMPT),--prompt '$(PROMPT)') \
 		$(if $(STEPS),--steps $(STEPS)) --seed $(SEED) --out '$(OUT)' \
 		$(if $(SCENE),--scene '$(SCENE)') $(ARGS)
+
+# Many lifts at once (python -m sjc_jax sweep): by default 4 seeds of the testbed duck as one
+# batched run; SEEDS, SWEEP_OUT and ARGS (e.g. ARGS='--scenes duck,mug --set lr=0.1,0.2').
+SEEDS ?= 0-3
+SWEEP_OUT ?= runs/sweep-$(shell date +%Y%m%d-%H%M%S)
+sweep: $(RUN_STAMP)
+	$(PY) -m sjc_jax sweep --seeds '$(SEEDS)' --out '$(SWEEP_OUT)' $(if $(STEPS),--steps $(STEPS)) \
+		$(ARGS)
 
 # Retrain the committed learned model (sjc_jax/learned/default_model) with the command that made
 # it (about 26 minutes on a 2-core CPU); the training directory is runs/learned-model-DATE.
