@@ -472,7 +472,10 @@ def _link(lift_dir: Path, base: str | os.PathLike | None) -> str:
 def _sweep_table(rows: Sequence[Mapping[str, Any]], base: str | os.PathLike | None) -> str:
     groups = {
         "setting": _union(r.get("settings") for r in rows),
-        "eval": _union(r.get("eval") for r in rows),
+        # scalars only: per-camera lists belong on the lift's own page
+        "eval": _union(
+            _scalars(r["eval"]) if isinstance(r.get("eval"), Mapping) else None for r in rows
+        ),  # fmt: skip
         "metric": _union(r.get("metrics") for r in rows),
     }
     field = {"setting": "settings", "eval": "eval", "metric": "metrics"}

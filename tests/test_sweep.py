@@ -254,3 +254,26 @@ def test_sweep_errors_are_one_line(tmp_path):
     assert done.returncode == 2 and "--seeds" in done.stderr
     done = _cli("sweep", "--out", str(tmp_path / "c"), "--set", "lr")
     assert done.returncode == 2 and "FIELD=V1,V2" in done.stderr
+
+
+def test_a_sweep_of_prompts_with_a_diffusers_model_equals_separate_runs(tiny_sd_eps, tmp_path):
+    from sjc_jax import runner
+    from sjc_jax.config import SJCConfig
+    from sjc_jax.grid_io import load_grid_file
+
+    base = SJCConfig.flat(
+        model=str(tiny_sd_eps), prompt="a cat", steps=4, grid_resolution=8,
+        background_resolution=2, num_previews=2, checkpoint_every=4, video_frames=2,
+        emptiness_weight=10.0,
+    )  # fmt: skip
+    lifts = sweep_run.expand(base, prompts=["a cat", "a red hamburger"])
+    assert [n for n, _, _ in lifts] == ["000-a_cat", "001-a_red_hamburger"]
+    sweep_run.run_sweep(lifts, tmp_path / "sweep", progress=False)
+    for name, _, config in lifts:
+        runner.run(config, tmp_path / name, progress=False)
+        mine, _, _ = load_grid_file(tmp_path / "sweep" / name / "final" / "grid.npz")
+        alone, _, _ = load_grid_file(tmp_path / name / "final" / "grid.npz")
+        assert _max_diff(mine, alone) < ROUND_OFF, name
+    first, _, _ = load_grid_file(tmp_path / "sweep" / lifts[0][0] / "final" / "grid.npz")
+    second, _, _ = load_grid_file(tmp_path / "sweep" / lifts[1][0] / "final" / "grid.npz")
+    assert _max_diff(first, second) > 30 * ROUND_OFF  # the prompts differ, so do the lifts
