@@ -172,6 +172,7 @@ def test_sweep_on_eight_devices_gives_the_grids_of_one(one_device_sweep, tmp_pat
             np.testing.assert_allclose(eight[name][field], one[name][field], atol=ROUND_OFF)
 
 
+@pytest.mark.slow  # about 35-45 s: make test-slow
 def test_a_sweep_over_two_processes_gives_the_grids_of_one(one_device_sweep, tmp_path):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
@@ -256,6 +257,7 @@ def test_sweep_errors_are_one_line(tmp_path):
     assert done.returncode == 2 and "FIELD=V1,V2" in done.stderr
 
 
+@pytest.mark.slow  # about 35-45 s: make test-slow
 def test_a_sweep_of_prompts_with_a_diffusers_model_equals_separate_runs(tiny_sd_eps, tmp_path):
     from sjc_jax import runner
     from sjc_jax.config import SJCConfig
