@@ -90,8 +90,10 @@ class _LeftoverFutureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
+        # tensorstore's errors name it, or its OCDBT store ("Error reading ... in OCDBT database
+        # at local file ...", the message of a truncated checkpoint's abandoned read)
         leftover = "never retrieved" in text and (
-            "TensorStore" in text or f"{os.sep}orbax{os.sep}" in text
+            "TensorStore" in text or "OCDBT database" in text or f"{os.sep}orbax{os.sep}" in text
         )
         return not leftover
 
