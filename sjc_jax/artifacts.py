@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,45 @@ def publish_final(out: Path, tmp: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_final(
+    out: Path,
+    grid,
+    artifacts: Artifacts,
+    *,
+    evaluate: Callable[[Any], dict[str, Any]] | None = None,
+    before_part: Callable[[], None] = lambda: None,
+) -> dict[str, Any] | None:
+    """A run directory's whole ``final/``, published at once, then its ``index.html``.
+
+    The artifacts' parts (grid file, view, videos, mesh), ``metrics.png`` of ``metrics.jsonl``
+    and, with ``evaluate``, ``eval.json`` are written into ``final.tmp-*`` and renamed
+    (`publish_final`); ``before_part()`` is called before each (raise in it to stop). Returns the
+    evaluation (None without ``evaluate``).
+    """
+    from sjc_jax import files, report, rundir
+
+    clear_unpublished(out)
+    tmp = out / f"final.tmp-{time.time_ns()}"
+    tmp.mkdir()
+    evaluation: dict[str, Any] = {}
+
+    def write_metrics_plot() -> None:
+        export.save_metrics_plot(tmp / "metrics.png", rundir.read_metrics(out / rundir.METRICS))
+
+    def write_eval() -> None:
+        evaluation.update(evaluate(grid))
+        files.write_json(tmp / "eval.json", evaluation)
+
+    parts = artifacts.parts(grid, tmp) + [write_metrics_plot]
+    parts += [write_eval] if evaluate is not None else []
+    for part in parts:
+        before_part()
+        part()
+    publish_final(out, tmp)
+    report.write_run_index(out)  # derived from final/ (a kill before it loses only the page)
+    return evaluation if evaluate is not None else None
+
+
 def clear_unpublished(out: Path) -> None:
     for entry in out.iterdir():
         if entry.name.startswith(("final.tmp-", "final.old-")) and entry.is_dir():
@@ -149,4 +189,11 @@ def read_eval(out: Path) -> dict | None:
         return None
 
 
-__all__ = ["Artifacts", "clear_unpublished", "preview_camera", "publish_final", "read_eval"]
+__all__ = [
+    "Artifacts",
+    "clear_unpublished",
+    "preview_camera",
+    "publish_final",
+    "read_eval",
+    "write_final",
+]

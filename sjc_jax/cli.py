@@ -199,6 +199,11 @@ def _add_sweep_parser(sub) -> None:
     _add_config_flags(sweep)
 
 
+def _comma_list(text: str) -> list[str]:
+    """``"duck, mug,"`` -> ``["duck", "mug"]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``."""
     seeds: list[int] = []
@@ -288,9 +293,7 @@ def _sweep(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
         lifts = sweep_run.expand(
             config_from_args(args),
             seeds=parse_seeds(args.seeds) if args.seeds else None,
-            scenes=[s.strip() for s in args.scenes.split(",") if s.strip()]
-            if args.scenes
-            else None,
+            scenes=_comma_list(args.scenes) if args.scenes else None,
             prompts=prompts,
             sets=parse_sets(args.set),
         )
@@ -388,7 +391,7 @@ def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
             if not args.out:
                 raise ValueError("train-model needs --out DIR (or --resume DIR)")
             if args.scenes is not None:
-                given["scenes"] = tuple(s.strip() for s in args.scenes.split(",") if s.strip())
+                given["scenes"] = tuple(_comma_list(args.scenes))
             if args.background is not None:
                 try:
                     given["background"] = tuple(float(v) for v in args.background.split(","))

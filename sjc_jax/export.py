@@ -14,6 +14,7 @@ Conventions of this module:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -399,7 +400,70 @@ def save_mesh_files(final_dir: str | os.PathLike, mesh: trimesh.Trimesh) -> dict
 
 
 # Metrics that are not curves (the view label drawn, the finiteness flag).
-_NOT_CURVES = ("step", "label", "finite")
+NOT_CURVES = ("step", "label", "finite")
+
+
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the finite values among the last ``window`` at each point from ``window - 1``."""
+    kernel = np.ones(window) / window
+    valid = np.convolve(np.isfinite(values), kernel, mode="valid")
+    return np.convolve(np.nan_to_num(values), kernel, mode="valid") / np.maximum(valid, 1e-9)
+
+
+def metric_figure(panels: int, *, width: float = 4.0, height: float = 2.6, cols: int = 3):
+    """An Agg figure for ``panels`` metric panels: ``(figure, rows, cols)``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = max(1, min(cols, panels))
+    rows = math.ceil(panels / cols)
+    figure = Figure(figsize=(width * cols, height * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, rows, cols
+
+
+def style_metric_axes(axes, title: str) -> None:
+    """A metric panel's title, step axis, small ticks and grid."""
+    axes.set_title(title, fontsize=10)
+    axes.set_xlabel("step", fontsize=8)
+    axes.tick_params(labelsize=8)
+    axes.grid(alpha=0.3)
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def metrics_png(
+    records: Sequence[Mapping[str, float]], *, keys: Sequence[str] | None = None
+) -> bytes:
+    """The PNG of `save_metrics_plot` as bytes (see there)."""
+    if not records:
+        raise ValueError("records is empty: no metrics to plot")
+    if keys is None:
+        numeric = [
+            k
+            for k in dict.fromkeys(k for r in records for k in r)
+            if k not in NOT_CURVES and isinstance(records[-1].get(k), (int, float))
+        ]
+        if not numeric:
+            raise ValueError("records have no numeric metric besides step")
+        varying = [k for k in numeric if len({r.get(k) for r in records}) > 1]
+        keys = varying or numeric
+    steps = np.array([r.get("step", i) for i, r in enumerate(records)], np.float64)
+    figure, rows, cols = metric_figure(len(keys))
+    window = max(1, len(records) // 50)
+    for i, key in enumerate(keys):
+        axes = figure.add_subplot(rows, cols, i + 1)
+        values = np.array([float(r.get(key, np.nan)) for r in records])
+        axes.plot(steps, values, color="tab:blue", alpha=0.3 if window > 1 else 1.0, lw=0.8)
+        if window > 1:
+            axes.plot(steps[window - 1 :], running_mean(values, window), color="tab:blue", lw=1.5)
+        style_metric_axes(axes, key)
+    return figure_png(figure)
 
 
 def save_metrics_plot(
@@ -415,42 +479,7 @@ def save_metrics_plot(
     a running mean over about 2 % of the run on top (sigma is random per step in SJC: the mean
     shows its schedule).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not records:
-        raise ValueError("records is empty: no metrics to plot")
-    if keys is None:
-        numeric = [
-            k
-            for k in dict.fromkeys(k for r in records for k in r)
-            if k not in _NOT_CURVES and isinstance(records[-1].get(k), (int, float))
-        ]
-        if not numeric:
-            raise ValueError("records have no numeric metric besides step")
-        varying = [k for k in numeric if len({r.get(k) for r in records}) > 1]
-        keys = varying or numeric
-    steps = np.array([r.get("step", i) for i, r in enumerate(records)], np.float64)
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    figure = Figure(figsize=(4.0 * cols, 2.6 * rows), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    window = max(1, len(records) // 50)
-    for i, key in enumerate(keys):
-        axes = figure.add_subplot(rows, cols, i + 1)
-        values = np.array([float(r.get(key, np.nan)) for r in records])
-        axes.plot(steps, values, color="tab:blue", alpha=0.3 if window > 1 else 1.0, lw=0.8)
-        if window > 1:
-            kernel = np.ones(window) / window
-            valid = np.convolve(np.isfinite(values), kernel, mode="valid")
-            mean = np.convolve(np.nan_to_num(values), kernel, mode="valid") / np.maximum(
-                valid, 1e-9
-            )
-            axes.plot(steps[window - 1 :], mean, color="tab:blue", lw=1.5)
-        axes.set_title(key, fontsize=10)
-        axes.set_xlabel("step", fontsize=8)
-        axes.tick_params(labelsize=8)
-        axes.grid(alpha=0.3)
+    data = metrics_png(records, keys=keys)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+        tmp.write_bytes(data)
     return Path(path)

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sjc_jax import files, rundir
+from sjc_jax import export, files, rundir
 
 INDEX = "index.html"
 # Stored height (pixels) of the preview strip's images and of the sweep's thumbnails.
@@ -35,8 +35,6 @@ THUMB_HEIGHT = 128
 # Curves the sweep overlays when present (else the first varying metrics), and how many.
 SWEEP_CURVES = ("opacity", "score_norm")
 NUM_SWEEP_CURVES = 2
-# Metrics that are not curves (the view label drawn, the finiteness flag), as in `export`.
-_NOT_CURVES = ("step", "label", "finite")
 _PREVIEW_RE = re.compile(r"^step_(\d+)\.png$")
 
 _STYLE = """
@@ -217,7 +215,7 @@ def _scalars(values: Mapping[str, Any]) -> dict[str, Any]:
 def _curve_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Numeric metrics (not step, label, finite) that take more than one value, in first order."""
     keys = dict.fromkeys(
-        k for r in records for k, v in r.items() if k not in _NOT_CURVES and _is_number(v)
+        k for r in records for k, v in r.items() if k not in export.NOT_CURVES and _is_number(v)
     )
     varying = []
     for key in keys:
@@ -236,58 +234,9 @@ def _series(records: Sequence[Mapping[str, Any]], key: str):
     return steps, values
 
 
-def _running_mean(values, window: int):
-    """Mean of the last ``window`` finite values at each point from ``window - 1`` on."""
-    import numpy as np
-
-    kernel = np.ones(window) / window
-    valid = np.convolve(np.isfinite(values), kernel, mode="valid")
-    total = np.convolve(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), kernel, "valid")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(valid > 0, total / np.maximum(valid, 1e-12), np.nan)
-
-
-def _figure(panels: int, *, width: float = 4.0, height: float = 2.6, cols: int = 3):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = max(1, min(cols, panels))
-    rows = math.ceil(panels / cols)
-    figure = Figure(figsize=(width * cols, height * rows), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure, rows, cols
-
-
-def _png_of(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
 def _plain(text: str) -> str:
     """``text`` for a matplotlib label: a ``$`` is a dollar sign, never mathtext."""
     return str(text).replace("$", r"\$")
-
-
-def _style_axes(axes, title: str) -> None:
-    axes.set_title(_plain(title), fontsize=10)
-    axes.set_xlabel("step", fontsize=8)
-    axes.tick_params(labelsize=8)
-    axes.grid(alpha=0.3)
-
-
-def _curves_png(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> bytes:
-    """One panel per metric: raw values (faint when smoothed) and a running mean over ~2 %."""
-    figure, rows, cols = _figure(len(keys))
-    window = max(1, len(records) // 50)
-    for i, key in enumerate(keys):
-        axes = figure.add_subplot(rows, cols, i + 1)
-        steps, values = _series(records, key)
-        axes.plot(steps, values, color="tab:blue", alpha=0.3 if window > 1 else 1.0, lw=0.8)
-        if window > 1:
-            axes.plot(steps[window - 1 :], _running_mean(values, window), color="tab:blue", lw=1.5)
-        _style_axes(axes, key)
-    return _png_of(figure)
 
 
 def _page(title: str, body: Iterable[str], *, script: str = "") -> str:
@@ -406,7 +355,9 @@ def _metrics_section(run_dir: Path) -> str:
     keys = _curve_keys(records)
     if not keys:
         return "<h2>Metrics</h2>\n" + summary + _note("No metric varies over the steps.")
-    plot = _img(_curves_png(records, keys), alt="metric curves: " + ", ".join(keys), cls="plot")
+    plot = _img(
+        export.metrics_png(records, keys=keys), alt="metric curves: " + ", ".join(keys), cls="plot"
+    )
     return "<h2>Metrics</h2>\n" + summary + plot
 
 
@@ -534,7 +485,7 @@ def _sweep_curves(
         keys = [k for k in curves if k in varying]
     if not keys:
         return None
-    figure, nrows, ncols = _figure(len(keys), width=5.0, height=3.2, cols=2)
+    figure, nrows, ncols = export.metric_figure(len(keys), width=5.0, height=3.2, cols=2)
     handles = []
     for i, key in enumerate(keys):
         axes = figure.add_subplot(nrows, ncols, i + 1)
@@ -543,14 +494,14 @@ def _sweep_curves(
             steps, values = _series(records, key)
             window = max(1, len(records) // 50)
             if window > 1:
-                steps, values = steps[window - 1 :], _running_mean(values, window)
+                steps, values = steps[window - 1 :], export.running_mean(values, window)
             (line,) = axes.plot(steps, values, lw=1.2, label=_plain(name))
             if i == 0:
                 handles.append(line)
-        _style_axes(axes, key)
+        export.style_metric_axes(axes, key)
     figure.legend(handles=handles, loc="outside right upper", fontsize=8, title="lift")
     alt = f"{', '.join(keys)} of each lift (running mean over ~2 % of each run)"
-    return alt, _data_uri(_png_of(figure), "image/png")
+    return alt, _data_uri(export.figure_png(figure), "image/png")
 
 
 def _colour(i: int, n: int) -> Any:

@@ -58,8 +58,8 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from sjc_jax import checkpoint, export, files, interrupts, report, resources, rundir
-from sjc_jax.artifacts import Artifacts, clear_unpublished, publish_final, read_eval
+from sjc_jax import checkpoint, files, interrupts, resources, rundir
+from sjc_jax.artifacts import Artifacts, read_eval, write_final
 from sjc_jax.config import SJCConfig
 from sjc_jax.devices import accelerator_warning, describe_backend
 from sjc_jax.models import Model, build_model
@@ -513,31 +513,15 @@ def _run_locked(
         return summary
 
     grid = jax.device_get(state.grid)
-    clear_unpublished(out)
-    tmp = out / f"final.tmp-{time.time_ns()}"
-    tmp.mkdir()
-    evaluation: dict[str, Any] = {}
 
-    def write_eval() -> None:
-        evaluation.update(model.evaluate(grid))
-        files.write_json(tmp / "eval.json", evaluation)
-
-    def write_metrics_plot() -> None:
-        text = metrics_path.read_text()
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        export.save_metrics_plot(tmp / "metrics.png", records)
-
-    parts = artifacts.parts(grid, tmp) + [write_metrics_plot]
-    parts += [write_eval] if model.evaluate is not None else []
-    for part in parts:
+    def before_part() -> None:
         if stop.requested:
             raise Interrupted(
                 f"interrupted while writing the final artifacts at step {total} ({stop.name}); "
                 f"{_resume_hint(out)}"
             )
-        part()
-    publish_final(out, tmp)
-    report.write_run_index(out)  # derived from final/ (a kill before it loses only the page)
+
+    evaluation = write_final(out, grid, artifacts, evaluate=model.evaluate, before_part=before_part)
     if model.evaluate is not None:
         summary["eval"] = evaluation
     return summary

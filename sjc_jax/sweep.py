@@ -165,13 +165,6 @@ def init_batched_state(
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
 
 
-def state_sharding(mesh: Mesh | None, state: Any) -> Any:
-    """Shardings splitting every leaf's lift axis over the mesh's ``lifts`` axis (None: none)."""
-    if mesh is None:
-        return None
-    return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec("lifts")), state)
-
-
 def make_batched_step(
     configs: Sequence[SJCConfig],
     denoiser: Denoiser,

@@ -17,6 +17,7 @@ run (`runner.run_loop`): same checkpoints, same interruption handling, exact ``r
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -28,8 +29,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sjc_jax import checkpoint, export, files, interrupts, report, rundir, sweep
-from sjc_jax.artifacts import Artifacts, clear_unpublished, publish_final
+from sjc_jax import checkpoint, files, interrupts, report, rundir, sweep
+from sjc_jax.artifacts import Artifacts, write_final
 from sjc_jax.config import SJCConfig
 from sjc_jax.models import build_model
 from sjc_jax.rundir import RunError
@@ -226,12 +227,11 @@ def run_sweep(
     configs = [c for _, _, c in lifts]
     sweep.varying_fields(configs)  # refuse a batch that cannot share one step, before writing
     _sync("sweep-checked")
-    if not primary:  # the first process holds the directory's lock for the sweep
-        return _run_locked(lifts, out, resume=resume, progress=False, stop=stop, log=None,
-                           stop_after=stop_after)  # fmt: skip
-    with rundir.RunLock(out):
-        return _run_locked(lifts, out, resume=resume, progress=progress, stop=stop, log=log,
-                           stop_after=stop_after)  # fmt: skip
+    # The first process holds the directory's lock for the sweep, and alone shows progress.
+    lock = rundir.RunLock(out) if primary else contextlib.nullcontext()
+    with lock:
+        return _run_locked(lifts, out, resume=resume, progress=progress and primary, stop=stop,
+                           log=log if primary else None, stop_after=stop_after)  # fmt: skip
 
 
 def _run_locked(lifts, out: Path, *, resume, progress, stop, log, stop_after) -> dict[str, Any]:
@@ -364,7 +364,7 @@ def _run_locked(lifts, out: Path, *, resume, progress, stop, log, stop_after) ->
                 f"interrupted while writing the final artifacts ({stop.name}); continue with: "
                 f"python -m sjc_jax sweep --resume {out}"
             )
-        evaluation = _finish_lift(dirs[i], grid, artifacts, built[i])
+        evaluation = write_final(dirs[i], grid, artifacts, evaluate=built[i].evaluate)
         records = rundir.read_metrics(dirs[i] / rundir.METRICS)
         last = records[-1] if records else {}
         rows.append(
@@ -383,20 +383,3 @@ def _run_locked(lifts, out: Path, *, resume, progress, stop, log, stop_after) ->
     _sync("sweep-written")
     summary["sweep"] = str(out / SUMMARY)
     return summary
-
-
-def _finish_lift(d: Path, grid, artifacts: Artifacts, model) -> dict[str, Any] | None:
-    """The lift's ``final/`` (as a single run writes it, plus index.html), published at once."""
-    clear_unpublished(d)
-    tmp = d / f"final.tmp-{time.time_ns()}"
-    tmp.mkdir()
-    for part in artifacts.parts(grid, tmp):
-        part()
-    export.save_metrics_plot(tmp / "metrics.png", rundir.read_metrics(d / rundir.METRICS))
-    evaluation = None
-    if model.evaluate is not None:
-        evaluation = model.evaluate(grid)
-        files.write_json(tmp / "eval.json", evaluation)
-    publish_final(d, tmp)
-    report.write_run_index(d)
-    return evaluation
