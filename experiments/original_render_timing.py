@@ -79,16 +79,12 @@ def main() -> None:
 
     import torch
 
-    from sjc_jax.bench import bench_render
-    from sjc_jax.camera import generate_rays, make_camera, sjc_eye
-    from sjc_jax.grid import init_grid
-    from sjc_jax.render import RenderConfig, intersect_rays, render_view, step_size
+    from sjc_jax.bench import bench_render, bench_view
+    from sjc_jax.camera import generate_rays
+    from sjc_jax.render import intersect_rays, render_view, step_size
 
     torch.set_num_threads(args.threads)
-    config = RenderConfig()
-    grid = init_grid(jax.random.key(0), resolution=100, channels=4)
-    eye = sjc_eye(jnp.deg2rad(30.0), jnp.deg2rad(60.0), 1.5)
-    camera = make_camera(eye, fov_x_deg=60.0, height=64, width=64)
+    config, grid, camera = bench_view()
     origins, directions = generate_rays(camera)
     t_min, t_max = intersect_rays(origins, directions, config.aabb)
     delta = step_size(config, grid.density.shape)
@@ -116,16 +112,12 @@ def main() -> None:
 
     rgb = torch_step().detach().numpy()
     ours = render_view(grid, camera, config)
-    grad_ours = jax.grad(
-        lambda g: sum(
-            jnp.sum(x)
-            for x in jax.tree_util.tree_leaves(
-                render_view(g, camera, config)._replace(
-                    num_samples=jnp.zeros(()), opacity=jnp.zeros(())
-                )
-            )
-        )
-    )(grid)
+
+    def loss(grid):  # the torch side's: features, depth and weights summed
+        view = render_view(grid, camera, config)
+        return jnp.sum(view.image) + jnp.sum(view.depth) + jnp.sum(view.weights)
+
+    grad_ours = jax.grad(loss)(grid)
     feature_error = float(np.max(np.abs(rgb - np.asarray(ours.image).reshape(-1, 4))))
     grad_torch = density.grad.numpy()[0, 0].transpose(2, 1, 0)
     grad_error = float(np.max(np.abs(grad_torch - np.asarray(grad_ours.density))))

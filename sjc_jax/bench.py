@@ -53,11 +53,15 @@ def _time(fn, *args, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_render(repeats: int = 5) -> dict[str, Any]:
-    config = RenderConfig()
+def bench_view():
+    """The timed view: ``(RenderConfig(), SJC's initial 100^3 x 4 grid, a 64 x 64 camera)``."""
     grid = init_grid(jax.random.key(0), resolution=100, channels=4)
     eye = sjc_eye(jnp.deg2rad(30.0), jnp.deg2rad(60.0), 1.5)
-    camera = make_camera(eye, fov_x_deg=60.0, height=64, width=64)
+    return RenderConfig(), grid, make_camera(eye, fov_x_deg=60.0, height=64, width=64)
+
+
+def bench_render(repeats: int = 5) -> dict[str, Any]:
+    config, grid, camera = bench_view()
 
     @jax.jit
     def render_vjp(grid):
