@@ -10,6 +10,8 @@ either). Tables give mean ± std over scenes x seeds.
 
 Claims (``--claims``):
 
+* ``lift``: the preset, and the same lifts with the exact posterior mean of the model's own
+  training renders in place of its UNet (``exact_denoiser``): the gap is the learning error;
 * ``paas``: PAAS (SJC Eq. 16) vs naive scoring (``estimator="naive"``: the render itself
   denoised, no perturbation), the out-of-distribution failure PAAS was made for;
 * ``eq``: Eq. 16 vs Eq. 15, 1 / 2 / 4 noise samples; with the variance of g per pixel over 64
@@ -27,7 +29,8 @@ Claims (``--claims``):
 
     PYTHONPATH=. .venv/bin/python experiments/claims.py --claims paas views --out runs/claims
 
-writes ``OUT/CLAIM.md`` and ``OUT/CLAIM.json`` per claim. Claims can run in separate processes
+writes ``OUT/CLAIM.md`` and ``OUT/CLAIM.json`` per claim, and each lift's grid file to
+``OUT/grids/``. Claims can run in separate processes
 (one CPU core each at these sizes).
 """
 
@@ -50,6 +53,10 @@ from sjc_jax import learned, sjc  # noqa: E402
 from sjc_jax.learned import model as learned_model  # noqa: E402
 
 CLAIMS: dict[str, dict[str, dict]] = {
+    "lift": {
+        "learned model (preset)": {},
+        "exact D* of its training renders": {"exact_denoiser": True},
+    },
     "paas": {
         "PAAS (SJC Eq. 16, preset)": {},
         "naive: D(render) - render": {"estimator": "naive"},
@@ -98,7 +105,12 @@ class Models:
         self._cache = {}
 
     def get(self, config):
-        key = (config.model.model, config.model.prompt, config.camera.view_augmentation)
+        key = (
+            config.model.model,
+            config.model.prompt,
+            config.camera.view_augmentation,
+            config.model.exact_denoiser,
+        )
         if key not in self._cache:
             self._cache[key] = learned.build_model(config)
         return self._cache[key]
@@ -115,14 +127,45 @@ def lift(config, model, step=None):
     return state, step, time.perf_counter() - start
 
 
-def run_row(name, row, args, models) -> list[dict]:
+def save_grid(args, row_name, scene, seed, grid, config) -> None:
+    """The lift's grid file (``OUT/grids/ROW-SCENE-SEED.npz``), to mesh or render later."""
+    from sjc_jax.grid_io import save_grid_file
+
+    slug = "".join(c if c.isalnum() else "-" for c in row_name.lower()).strip("-")
+    path = os.path.join(args.out, "grids", f"{slug}-{scene}-{seed}.npz")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_grid_file(path, grid, aabb=config.render_config().aabb, feature_space="rgb")
+
+
+def _done(args, claim: str) -> dict:
+    """The lifts of ``claim`` finished by earlier calls (``OUT/CLAIM.lifts.jsonl``)."""
+    path = os.path.join(args.out, f"{claim}.lifts.jsonl")
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                done[(record["row"], record["scene"], record["seed"], record["steps"])] = record
+    return done
+
+
+def run_row(claim, name, row, args, models) -> list[dict]:
+    """The lifts of one row, every scene x seed; each finished lift is appended to
+    ``OUT/CLAIM.lifts.jsonl`` at once, and a rerun skips the lifts found there (a long table
+    runs in parts)."""
     results, step = [], None
+    done = _done(args, claim)
     for scene in args.scenes:
         for seed in args.seeds:
             config = configure(row, args.model, scene, seed, args.steps)
+            key = (name, scene, seed, config.run.steps)
+            if key in done:
+                results.append({k: v for k, v in done[key].items() if k != "row"})
+                continue
             model = models.get(config)
             state, step, seconds = lift(config, model, step)
             finite = bool(jnp.all(jnp.isfinite(state.grid.density)))
+            save_grid(args, name, scene, seed, state.grid, config)
             result = model.evaluate(state.grid) if finite else {"psnr": float("nan")}
             record = {
                 "scene": scene,
@@ -132,6 +175,8 @@ def run_row(name, row, args, models) -> list[dict]:
                 **{k: result.get(k, float("nan")) for k in ("psnr", "iou", "janus")},
             }
             results.append(record)
+            with open(os.path.join(args.out, f"{claim}.lifts.jsonl"), "a") as f:
+                f.write(json.dumps({"row": name, **record}) + "\n")
             print(
                 f"{name:34s} {scene:6s} seed {seed}: PSNR {record['psnr']:.2f} IoU "
                 f"{record['iou']:.3f} Janus {record['janus']:.3f} ({seconds:.0f} s)",
@@ -460,7 +505,7 @@ def main(argv=None) -> None:
             text, raw = NO_LIFTS[claim](args, models)
         else:
             rows = {k: v for k, v in CLAIMS[claim].items() if args.rows is None or k in args.rows}
-            results = {name: run_row(name, row, args, models) for name, row in rows.items()}
+            results = {name: run_row(claim, name, row, args, models) for name, row in rows.items()}
             extra = estimator_variance(args, models, rows) if claim == "eq" else None
             text = lift_table(results, args.scenes, extra)
             raw = {"results": results, "extra": extra}

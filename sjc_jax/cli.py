@@ -333,7 +333,8 @@ def _outcome(
 
 
 def _add_train_parser(sub) -> None:
-    from sjc_jax.learned.train import TrainConfig
+    from sjc_jax.learned.model import MODEL_PREDICTIONS
+    from sjc_jax.learned.train import LOSS_WEIGHTINGS, TrainConfig
 
     d = TrainConfig()
     train = sub.add_parser(
@@ -365,6 +366,26 @@ def _add_train_parser(sub) -> None:
             default=None,
             help=f"(default {getattr(d, name)!r})",
         )
+    train.add_argument(
+        "--prediction-type",
+        choices=MODEL_PREDICTIONS,
+        default=None,
+        help=f"what the UNet predicts (default {d.prediction_type})",
+    )
+    train.add_argument(
+        "--loss-weighting",
+        choices=LOSS_WEIGHTINGS,
+        default=None,
+        help=f"weights of the timesteps in the loss (default {d.loss_weighting})",
+    )
+    train.add_argument(
+        "--snr-gamma", type=_finite_float, default=None, help=f"min_snr's gamma ({d.snr_gamma})"
+    )
+    train.add_argument(
+        "--channels",
+        help="comma list of the UNet's block channels, multiples of 32 (default "
+        f"{','.join(map(str, d.architecture.block_out_channels))})",
+    )
     train.add_argument("--background", help="R,G,B of the plain background (default 1,1,1)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -375,14 +396,24 @@ def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
     command = "python -m sjc_jax " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
     given = {
         name: getattr(args, name)
-        for name in ("steps", "batch_size", "lr", "seed", "views_per_scene", "checkpoint_every")
+        for name in (
+            "steps",
+            "batch_size",
+            "lr",
+            "seed",
+            "views_per_scene",
+            "checkpoint_every",
+            "prediction_type",
+            "loss_weighting",
+            "snr_gamma",
+        )
         if getattr(args, name) is not None
     }
 
     def action() -> dict[str, Any]:
         if args.resume:
             extra = sorted(set(given) - {"steps"})
-            if args.out or args.scenes or args.background or extra:
+            if args.out or args.scenes or args.background or args.channels or extra:
                 raise ValueError(
                     "--resume continues a training with its own settings (only --steps can change)"
                 )
@@ -399,6 +430,16 @@ def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
                     raise ValueError(
                         f"--background must be R,G,B numbers, got {args.background!r}"
                     ) from None
+            if args.channels is not None:
+                try:
+                    channels = tuple(int(v) for v in args.channels.split(","))
+                except ValueError:
+                    raise ValueError(
+                        f"--channels must be comma-separated integers, got {args.channels!r}"
+                    ) from None
+                given["architecture"] = dataclasses.replace(
+                    learned_train.Architecture(), block_out_channels=channels
+                )
             config, out, resume = learned_train.TrainConfig(**given), args.out, False
         return learned_train.train(
             config,

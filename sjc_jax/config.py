@@ -71,6 +71,11 @@ class ModelConfig:
     gelu: str = _field(
         "exact", "UNet GEGLU activation: exact (the original's) or tanh (diffusers')"
     )
+    exact_denoiser: bool = _field(
+        False,
+        "learned models: lift with the exact posterior mean of the model's own training "
+        "renders in place of its UNet (the ideal the UNet approximates)",
+    )
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -101,7 +101,7 @@ def test_torch_unet_computes_the_same_function(tiny_dir):
     x = rng.standard_normal((3, 16, 16, 3)).astype(np.float32)
     t = np.array([5, 300, 900])
     context = rng.standard_normal((3, 2, 32)).astype(np.float32)
-    ours = lm.unet_eps(
+    ours = lm.unet_output(
         model.unet,
         model.unet_params,
         jnp.asarray(x),
@@ -117,6 +117,110 @@ def test_torch_unet_computes_the_same_function(tiny_dir):
         )
     theirs = lm.unpatchify(jnp.asarray(out.sample.numpy().transpose(0, 2, 3, 1)), 2)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_denoiser_equals_diffusers_torch_unet_and_scheduler(tmp_path, prediction_type):
+    """D of a saved model equals diffusers' torch UNet followed by its DDPMScheduler's own
+    conversion to the clean sample (``pred_original_sample``), on the same weights."""
+    torch = pytest.importorskip("torch")
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    params = _random_model_params(TINY, len(SCENES), seed=3)
+    path = tmp_path / "model"
+    lm.save_model(
+        path,
+        architecture=TINY,
+        params=params,
+        scenes=SCENES,
+        background=(1, 1, 1),
+        training={"command": "test"},
+        prediction_type=prediction_type,
+    )
+    model = lm.load_model(path)
+    assert model.prediction_type == prediction_type
+    denoiser = lm.make_denoiser(model, "duck")
+    t = np.array([20, 450, 900])
+    sigma = model.sigmas[t]
+    y = np.random.default_rng(4).uniform(size=(3, 16, 16, 3)).astype(np.float32)
+    z = y + sigma[:, None, None, None] * np.random.default_rng(5).standard_normal(y.shape)
+    labels = np.array([0, 1, 3])
+    ours = denoiser.apply(denoiser.params, jnp.asarray(z), jnp.asarray(sigma), jnp.asarray(labels))
+
+    unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+    assert scheduler.config.prediction_type == prediction_type
+    x = (z / np.sqrt(1.0 + np.square(sigma))[:, None, None, None]).astype(np.float32)
+    context = np.asarray(denoiser.params["cond"])[labels]
+    folded = np.asarray(lm.patchify(jnp.asarray(x), 2)).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        out = unet(torch.from_numpy(folded.copy()), torch.from_numpy(t), torch.from_numpy(context))
+    output = np.asarray(lm.unpatchify(jnp.asarray(out.sample.numpy().transpose(0, 2, 3, 1)), 2))
+    theirs = []
+    for i in range(3):
+        step = scheduler.step(
+            torch.from_numpy(output[i : i + 1].transpose(0, 3, 1, 2).copy()),
+            int(t[i]),
+            torch.from_numpy(x[i : i + 1].transpose(0, 3, 1, 2).copy()),
+        )
+        theirs.append(step.pred_original_sample.numpy().transpose(0, 2, 3, 1)[0])
+    np.testing.assert_allclose(np.asarray(ours), np.stack(theirs), atol=5e-5 * (1 + sigma.max()))
+
+
+def test_loss_weights_and_targets_match_their_formulas():
+    abar = jnp.array([0.999, 0.5, 0.01])
+    snr = np.asarray(abar) / (1 - np.asarray(abar))
+    images = jnp.full((3, 1, 1, 1), 0.25)
+    eps = jnp.full((3, 1, 1, 1), -2.0)
+    a = abar[:, None, None, None]
+    for prediction, plain in (("epsilon", snr), ("v_prediction", snr + 1)):
+        config = lt.TrainConfig(prediction_type=prediction, loss_weighting="min_snr", snr_gamma=5)
+        np.testing.assert_allclose(lt.loss_weight(config, abar), np.minimum(snr, 5) / plain, 1e-6)
+        uniform = lt.TrainConfig(prediction_type=prediction, loss_weighting="uniform")
+        np.testing.assert_array_equal(lt.loss_weight(uniform, abar), np.ones(3))
+    np.testing.assert_array_equal(lt.prediction_target("epsilon", images, eps, a), eps)
+    v = np.sqrt(np.asarray(abar)) * -2.0 - np.sqrt(1 - np.asarray(abar)) * 0.25
+    np.testing.assert_allclose(
+        lt.prediction_target("v_prediction", images, eps, a)[:, 0, 0, 0], v, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        lt.TrainConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
+        lt.TrainConfig(loss_weighting="snr")
+    # A training recorded before these settings existed resumes as what it was.
+    old = lt.TrainConfig().to_dict()
+    del old["prediction_type"], old["loss_weighting"]
+    restored = lt.TrainConfig.from_dict(old)
+    assert (restored.prediction_type, restored.loss_weighting) == ("epsilon", "uniform")
+
+
+def test_exact_twin_is_the_posterior_mean_of_the_training_renders(tiny_dir):
+    """The exact denoiser of a learned model: its scene's renders of the view label for a
+    condition, every scene's renders for the unconditional prediction (the null tokens')."""
+    from sjc_jax import learned
+    from sjc_jax.diffusion.denoiser import UNCONDITIONAL
+
+    path, _ = tiny_dir
+    model = lm.load_model(path)
+    rng = np.random.default_rng(6)
+    images = rng.uniform(size=(12, 16, 16, 3)).astype(np.float32)
+    scene_ids = np.array([0, 1] * 6)
+    views = np.array([0, 0, 1, 1, 2, 2, 3, 3, 0, 1, 2, 3])
+    config = learned.learned_config(model=str(path), prompt="mug")
+    den = learned.exact_denoiser(model, "mug", config, training_set=(images, scene_ids, views))
+    z = jnp.asarray(rng.uniform(size=(2, 16, 16, 3)).astype(np.float32))
+    sigma = jnp.full((2,), 0.5)
+    d = np.asarray(den.apply(den.params, z, sigma, jnp.array([0, UNCONDITIONAL])))
+
+    def posterior_mean(zi, subset):
+        y = images[subset].astype(np.float64)
+        logits = -np.sum(np.square(np.asarray(zi, np.float64) - y), axis=(1, 2, 3)) / (2 * 0.25)
+        w = np.exp(logits - logits.max())
+        return np.tensordot(w / w.sum(), y, axes=1)
+
+    mug_front = (scene_ids == 1) & (views == 0)
+    np.testing.assert_allclose(d[0], posterior_mean(z[0], mug_front), atol=1e-5)
+    np.testing.assert_allclose(d[1], posterior_mean(z[1], np.ones(12, bool)), atol=1e-5)
 
 
 def test_halves_and_guidance_match_a_hand_computation(tiny_dir):
@@ -141,14 +245,14 @@ def test_halves_and_guidance_match_a_hand_computation(tiny_dir):
     )
     x = z * vp_coefficients(sigma)[0][:, None, None, None]
     t = jnp.array([30, 100, 400, 999])
-    eps = lm.unet_eps(model.unet, model.unet_params, x, t, jnp.asarray(contexts), patch=2)
+    eps = lm.unet_output(model.unet, model.unet_params, x, t, jnp.asarray(contexts), patch=2)
     expected = z - sigma[:, None, None, None] * eps
     np.testing.assert_allclose(np.asarray(d), np.asarray(expected), atol=1e-5)
 
     # Guidance: the estimators' combination (one call of both halves) equals the hand formula.
     w = 7.5
     guided = estimators.guided(denoiser, denoiser.params, z[None, :2], sigma[:2], labels[:2], w)
-    uncond = z[:2] - sigma[:2, None, None, None] * lm.unet_eps(
+    uncond = z[:2] - sigma[:2, None, None, None] * lm.unet_output(
         model.unet, model.unet_params, x[:2], t[:2], jnp.asarray(contexts[2:]), patch=2
     )
     hand = uncond + w * (expected[:2] - uncond)

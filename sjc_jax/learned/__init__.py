@@ -13,6 +13,8 @@ its ``sjc_model.json``); any directory written by `sjc_jax.learned.model.save_mo
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 from pathlib import Path
 
@@ -76,6 +78,42 @@ def ground_truth_of(model, prompt: str):
     return grid.replace(background=jnp.asarray(plain_background(model.background))), aabb
 
 
+@functools.lru_cache(maxsize=1)
+def _training_renders(train_config: str):
+    """The training renders of a training config (JSON): cached, as lifts of several scenes of
+    one model (an experiment's rows) share them."""
+    from sjc_jax.learned.train import TrainConfig, render_training_set
+
+    return render_training_set(TrainConfig.from_dict(json.loads(train_config)))
+
+
+def exact_denoiser(model, prompt: str, config: SJCConfig, training_set=None):
+    """The exact posterior-mean denoiser of ``model``'s own training renders, conditioned as the
+    model is: the ideal a UNet trained on them can reach (`sjc_jax.testbed.empirical`).
+
+    The condition of view label v is the renders of the scene ``prompt`` with label v (all its
+    renders without view augmentation); the unconditional one (and the negative one, which the
+    model does not have either) is the whole training set, every scene, as the model's null
+    tokens. ``training_set`` is `sjc_jax.learned.train.render_training_set`'s output if the
+    caller has it (rendered here otherwise, as the training did: same cameras, same keys).
+    """
+    import numpy as np
+
+    from sjc_jax.testbed.core import make_denoiser as empirical_denoiser
+
+    scene = model.scene_index(prompt)
+    if training_set is None:
+        training_set = _training_renders(json.dumps(model.meta["training"]["config"]))
+    images, scene_ids, views = training_set
+    own = np.asarray(scene_ids) == scene
+    # The other scenes' renders get a label no view asks for: only the unconditional (whole
+    # set) prediction sees them. Without view augmentation the scene's labels merge into one.
+    labels = np.where(own, views, 4)
+    return empirical_denoiser(
+        images, labels, config, sigmas=model.sigmas, num_labels=5, name=f"exact:{model.root}"
+    )
+
+
 def build_model(config: SJCConfig):
     """The `sjc_jax.models.Model` of a learned model directory for ``config``."""
     from sjc_jax.learned.model import load_model, make_denoiser
@@ -87,14 +125,17 @@ def build_model(config: SJCConfig):
     model = load_model(resolve(m.model), dtype=m.dtype)
     if not m.prompt:
         raise ValueError(f"a learned model needs --prompt SCENE, one of: {', '.join(model.scenes)}")
-    denoiser = make_denoiser(
-        model,
-        m.prompt,
-        view_augmentation=config.camera.view_augmentation,
-        dtype=m.dtype,
-        attention=m.attention,
-        gelu=m.gelu,
-    )
+    if m.exact_denoiser:
+        denoiser = exact_denoiser(model, m.prompt, config)
+    else:
+        denoiser = make_denoiser(
+            model,
+            m.prompt,
+            view_augmentation=config.camera.view_augmentation,
+            dtype=m.dtype,
+            attention=m.attention,
+            gelu=m.gelu,
+        )
     size = config.render.image_size or denoiser.resolution
     if size != denoiser.resolution:
         raise ValueError(
@@ -122,6 +163,7 @@ def build_model(config: SJCConfig):
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "build_model",
+    "exact_denoiser",
     "ground_truth_of",
     "learned_config",
     "resolve",

@@ -1,7 +1,8 @@
 """The learned known-answer model: a small conditional diffusers UNet in RGB pixel space.
 
-A `FlaxUNet2DConditionModel` predicts epsilon for RGB images of the testbed's feature space
-(linear RGB, about [0, 1]) under a DDPM noise schedule, conditioned by cross-attention on two
+A `FlaxUNet2DConditionModel` predicts epsilon or v (the scheduler config's ``prediction_type``)
+for RGB images of the testbed's feature space (linear RGB, about [0, 1]) under a DDPM noise
+schedule, conditioned by cross-attention on two
 tokens of a learned table: a *scene* token (the "prompt": ``duck``, ``house``, ... or a grid
 file's name) and a *view* token (front / side / back / overhead, the labels of view-augmented
 prompting). Each table has one extra row, the null token, that condition dropout trains, so
@@ -19,7 +20,8 @@ Conventions of this module:
   ``{"unet", "cond" [4, 2, D], "uncond" [2, D], "negative" [2, D]}``, so the same
   `condition_table` picks them.
 * ``D = z - sigma eps(z / sqrt(1 + sigma^2), t(sigma), c)`` with sigma snapped to the nearest
-  table level, as for SD; the UNet computes with the original's numerics
+  table level, as for SD (a v-prediction converted to eps first,
+  `sjc_jax.diffusion.denoiser.model_output_to_eps`); the UNet computes with the original's numerics
   (`sjc_jax.diffusion.numerics`), so the saved model is the same function in diffusers' torch
   UNet (tests/test_learned.py checks it).
 
@@ -30,7 +32,7 @@ On disk (a diffusers-format directory, `save_model` / `load_model`)::
     model_index.json                 diffusers' index of the components
     unet/config.json                 FlaxUNet2DConditionModel / UNet2DConditionModel config
     unet/diffusion_pytorch_model.safetensors   weights in torch layout (loadable by both)
-    scheduler/scheduler_config.json  DDPMScheduler (linear betas 1e-4..0.02, epsilon)
+    scheduler/scheduler_config.json  DDPMScheduler (linear betas 1e-4..0.02, prediction_type)
     tokens/tokens.safetensors        "scene" [S + 1, D], "view" [V + 1, D] (last row: null)
     tokens/vocabulary.json           {"scenes": [...], "views": [...]}
 
@@ -59,6 +61,7 @@ from sjc_jax.diffusion.denoiser import (
     ApplyFn,
     Denoiser,
     eps_to_denoised,
+    model_output_to_eps,
     vp_coefficients,
 )
 from sjc_jax.diffusion.numerics import check_gelu, original_numerics
@@ -88,6 +91,18 @@ SCHEDULER_CONFIG = {
     "variance_type": "fixed_small",
     "trained_betas": None,
 }
+
+# What the model's output is (diffusers' names); the VE denoiser converts either to eps.
+MODEL_PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def scheduler_config(prediction_type: str) -> dict[str, Any]:
+    """The ``scheduler_config.json`` of a model predicting ``prediction_type``."""
+    if prediction_type not in MODEL_PREDICTIONS:
+        raise ValueError(
+            f"prediction_type must be one of {MODEL_PREDICTIONS}, got {prediction_type!r}"
+        )
+    return {**SCHEDULER_CONFIG, "prediction_type": prediction_type}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +211,7 @@ def init_params(key: Array, architecture: Architecture, num_scenes: int) -> dict
     }
 
 
-def unet_eps(
+def unet_output(
     unet: Any,
     unet_params: Any,
     x: Array,
@@ -207,7 +222,7 @@ def unet_eps(
     dtype: Any = jnp.float32,
     gelu: str = "exact",
 ) -> Array:
-    """The UNet's epsilon ``[B, H, W, 3]`` float32 of VP inputs ``x [B, H, W, 3]``.
+    """The UNet's output ``[B, H, W, 3]`` float32 (eps or v) of VP inputs ``x [B, H, W, 3]``.
 
     ``timesteps [B]`` int, ``context [B, L, D]``; the same call trains and denoises.
     """
@@ -241,6 +256,7 @@ def make_apply(
     sigmas: np.ndarray,
     *,
     patch: int,
+    prediction_type: str = "epsilon",
     dtype: Any = jnp.float32,
     attention: str = "auto",
     gelu: str = "exact",
@@ -263,7 +279,7 @@ def make_apply(
         context = condition_table(params, jnp.broadcast_to(jnp.asarray(label, jnp.int32), (b,)))
         x = z * vp_coefficients(sigma)[0][:, None, None, None]
         with attention_context(kernel):
-            eps = unet_eps(
+            out = unet_output(
                 unet,
                 params["unet"],
                 x,
@@ -273,7 +289,7 @@ def make_apply(
                 dtype=dtype,
                 gelu=gelu,
             )
-        return eps_to_denoised(z, sigma, eps)
+        return eps_to_denoised(z, sigma, model_output_to_eps(out, x, sigma, prediction_type))
 
     return apply
 
@@ -330,6 +346,7 @@ class LearnedModel:
       scenes: the scene vocabulary (token i = scenes[i]).
       architecture: patch, image size, channels.
       sigmas: ``[T]`` VE table of the scheduler config.
+      prediction_type: what the UNet predicts (the scheduler config's ``prediction_type``).
       meta: the whole ``sjc_model.json`` (background, scene sources, training record).
       root: the directory.
     """
@@ -342,6 +359,7 @@ class LearnedModel:
     sigmas: np.ndarray
     meta: dict[str, Any]
     root: Path
+    prediction_type: str = "epsilon"
 
     @property
     def background(self) -> np.ndarray:
@@ -377,6 +395,7 @@ def save_model(
     scenes: Sequence[dict[str, Any]],
     background: Sequence[float],
     training: dict[str, Any],
+    prediction_type: str = "epsilon",
 ) -> Path:
     """Write a model directory (module docstring) atomically: a sibling, then one rename.
 
@@ -388,9 +407,11 @@ def save_model(
         with ``sha256`` for files.
       background: the RGB of the training renders' plain background.
       training: the record of how the model was made (command, seed, steps, ...).
+      prediction_type: what the UNet predicts, ``"epsilon"`` or ``"v_prediction"``.
     """
     from safetensors.numpy import save_file
 
+    schedule = scheduler_config(prediction_type)
     path = Path(path)
     if path.exists() and not is_model_dir(path):
         raise ValueError(f"{path} exists and is not a model directory; refusing to replace it")
@@ -406,7 +427,7 @@ def save_model(
     }
     (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2))
     save_file(flax_to_torch(params["unet"]), tmp / "unet" / UNET_WEIGHTS)
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule, indent=2))
     tokens = {k: np.asarray(v, np.float32) for k, v in params["tokens"].items()}
     save_file(tokens, tmp / "tokens" / "tokens.safetensors")
     vocabulary = {"scenes": [s["name"] for s in scenes], "views": list(VIEW_TOKENS)}
@@ -474,8 +495,11 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> LearnedMod
     try:
         architecture = Architecture.from_dict(meta["architecture"])
         sigmas = sigmas_from_scheduler_config(scheduler)
-        if scheduler.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError("prediction_type must be 'epsilon'")
+        prediction_type = scheduler.get("prediction_type", "epsilon")
+        if prediction_type not in MODEL_PREDICTIONS:
+            raise ValueError(
+                f"prediction_type must be one of {MODEL_PREDICTIONS}, got {prediction_type!r}"
+            )
         tokens = load_file(root / "tokens" / "tokens.safetensors")
         scenes = tuple(str(s) for s in vocabulary["scenes"])
         if tokens["scene"].shape[0] != len(scenes) + 1:
@@ -500,6 +524,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> LearnedMod
         sigmas=sigmas,
         meta=meta,
         root=root,
+        prediction_type=prediction_type,
     )
 
 
@@ -527,6 +552,7 @@ def make_denoiser(
             model.unet,
             model.sigmas,
             patch=model.architecture.patch,
+            prediction_type=model.prediction_type,
             dtype=DTYPES[dtype],
             attention=attention,
             gelu=gelu,

@@ -41,13 +41,14 @@ import optax
 
 from sjc_jax import checkpoint, export, files, interrupts, rundir
 from sjc_jax.learned.model import (
+    MODEL_PREDICTIONS,
     VIEW_TOKENS,
     Architecture,
     init_params,
     make_unet,
     save_model,
     token_context,
-    unet_eps,
+    unet_output,
 )
 
 Array = jax.Array
@@ -57,6 +58,7 @@ LOG = "train.jsonl"
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 LOSS_PLOT = "loss.png"
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 ENTRIES = (TRAIN_CONFIG, LOG, CHECKPOINTS, MODEL, LOSS_PLOT)
 
 
@@ -78,6 +80,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     architecture: Architecture = Architecture()
+    # What the UNet predicts ("epsilon" or "v_prediction") and how the loss weighs timesteps
+    # ("uniform": the plain MSE of the prediction; "min_snr": Min-SNR-gamma, Hang et al. 2023).
+    prediction_type: str = "epsilon"
+    loss_weighting: str = "uniform"
+    snr_gamma: float = 5.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "views_per_scene", "checkpoint_every", "log_every"):
@@ -98,6 +105,16 @@ class TrainConfig:
         if len(self.background) != 3:
             raise ValueError(f"background must be 3 numbers (RGB), got {self.background}")
         scene_names(self.scenes)  # unique names
+        if self.prediction_type not in MODEL_PREDICTIONS:
+            raise ValueError(
+                f"prediction_type must be one of {MODEL_PREDICTIONS}, got {self.prediction_type!r}"
+            )
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}"
+            )
+        if not (self.snr_gamma > 0 and np.isfinite(self.snr_gamma)):
+            raise ValueError(f"snr_gamma must be positive, got {self.snr_gamma}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,6 +125,9 @@ class TrainConfig:
         values["scenes"] = tuple(values["scenes"])
         values["background"] = tuple(values["background"])
         values["architecture"] = Architecture.from_dict(values["architecture"])
+        # Trainings recorded before these fields existed were epsilon MSE at uniform weight.
+        values.setdefault("prediction_type", "epsilon")
+        values.setdefault("loss_weighting", "uniform")
         return cls(**values)
 
 
@@ -201,6 +221,31 @@ def alphas_cumprod(sigmas: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.square(np.asarray(sigmas, np.float64)))).astype(np.float32)
 
 
+def prediction_target(prediction_type: str, images: Array, eps: Array, abar: Array) -> Array:
+    """What the UNet learns to output for ``x = sqrt(abar) images + sqrt(1 - abar) eps``.
+
+    ``images, eps [B, H, W, 3]``, ``abar`` broadcastable to them. ``"epsilon"``: eps;
+    ``"v_prediction"``: ``v = sqrt(abar) eps - sqrt(1 - abar) images`` (Salimans & Ho 2022).
+    """
+    if prediction_type == "epsilon":
+        return eps
+    return jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * images
+
+
+def loss_weight(config: TrainConfig, abar: Array) -> Array:
+    """The weight ``[B]`` of each image's prediction MSE at ``abar [B]``.
+
+    In terms of the error of the clean image (the denoiser's error), the plain MSE weighs it
+    by SNR (epsilon) or SNR + 1 (v), ``SNR = abar / (1 - abar)``. ``"min_snr"`` makes that
+    ``min(SNR, gamma)``: no level with a large SNR dominates (Hang et al. 2023).
+    """
+    if config.loss_weighting == "uniform":
+        return jnp.ones_like(abar)
+    snr = abar / (1.0 - abar)
+    plain = snr if config.prediction_type == "epsilon" else snr + 1.0
+    return jnp.minimum(snr, config.snr_gamma) / plain
+
+
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warm-up (at most half the steps) then cosine decay to 10 % of ``lr``."""
     warmup = min(config.warmup_steps, config.steps // 2)
@@ -258,8 +303,11 @@ def make_train_step(config: TrainConfig):
         scene = jnp.where(drop_both, null_scene, scene)
         view = jnp.where(drop_view, null_view, view)
         context = token_context(params["tokens"], scene, view)
-        pred = unet_eps(unet, params["unet"], x, t, context, patch=patch)
-        return jnp.mean(jnp.square(pred - eps))
+        pred = unet_output(unet, params["unet"], x, t, context, patch=patch)
+        target = prediction_target(config.prediction_type, images, eps, a)
+        per_image = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+        weight = loss_weight(config, abar[t])
+        return jnp.mean(weight * per_image)
 
     def step(state, data):
         key = jax.random.fold_in(base_key, state["step"])
@@ -460,5 +508,6 @@ def train(
         scenes=records,
         background=config.background,
         training=training,
+        prediction_type=config.prediction_type,
     )
     return {**summary, "model": str(model_out), "finished": True}

@@ -190,24 +190,36 @@ def _render_size(config: SJCConfig) -> int:
     return config.render.image_size or 64
 
 
-def make_denoiser(images, labels, config: SJCConfig) -> Denoiser:
+def make_denoiser(
+    images,
+    labels,
+    config: SJCConfig,
+    *,
+    sigmas=None,
+    num_labels: int = NUM_VIEW_LABELS,
+    name: str = "testbed",
+) -> Denoiser:
     """The empirical denoiser of a labelled image set under ``config``'s view-label rule.
 
     Args:
       images: ``[M, H, W, 3]`` RGB renders.
       labels: ``[M]`` their view labels; all taken as label 0 (one set) when
         ``config.camera.view_augmentation`` is off, since the step then asks every view for label 0.
+      sigmas: the noise table the step draws from (default SD v1's, the testbed's).
+      num_labels: labels of the set; a label no view asks for keeps images out of every
+        conditional subset (they count only in the unconditional prediction, the whole set).
+      name: for logs.
     """
     labels = np.asarray(labels, np.int32)
     if not config.camera.view_augmentation:
-        labels = np.zeros_like(labels)
+        labels = np.where(labels < NUM_VIEW_LABELS, 0, labels)
     return make_empirical_denoiser(
         images,
         labels,
-        num_labels=NUM_VIEW_LABELS,
-        sigmas=ddpm_sigmas(),
+        num_labels=num_labels,
+        sigmas=ddpm_sigmas() if sigmas is None else sigmas,
         feature_space="rgb",
-        name="testbed",
+        name=name,
     )
 
 
