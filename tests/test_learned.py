@@ -176,6 +176,10 @@ def test_loss_weights_and_targets_match_their_formulas():
     for prediction, plain in (("epsilon", snr), ("v_prediction", snr + 1)):
         config = lt.TrainConfig(prediction_type=prediction, loss_weighting="min_snr", snr_gamma=5)
         np.testing.assert_allclose(lt.loss_weight(config, abar), np.minimum(snr, 5) / plain, 1e-6)
+        clipped = lt.TrainConfig(prediction_type=prediction, loss_weighting="clipped_snr")
+        np.testing.assert_allclose(
+            lt.loss_weight(clipped, abar), np.clip(snr, 1, 5) / plain, rtol=1e-6
+        )
         uniform = lt.TrainConfig(prediction_type=prediction, loss_weighting="uniform")
         np.testing.assert_array_equal(lt.loss_weight(uniform, abar), np.ones(3))
     np.testing.assert_array_equal(lt.prediction_target("epsilon", images, eps, a), eps)

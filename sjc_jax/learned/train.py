@@ -58,7 +58,7 @@ LOG = "train.jsonl"
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 LOSS_PLOT = "loss.png"
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "clipped_snr")
 ENTRIES = (TRAIN_CONFIG, LOG, CHECKPOINTS, MODEL, LOSS_PLOT)
 
 
@@ -81,9 +81,9 @@ class TrainConfig:
     log_every: int = 50
     architecture: Architecture = Architecture()
     # What the UNet predicts ("epsilon" or "v_prediction") and how the loss weighs timesteps
-    # ("uniform": the plain MSE of the prediction; "min_snr": Min-SNR-gamma, Hang et al. 2023).
-    prediction_type: str = "epsilon"
-    loss_weighting: str = "uniform"
+    # (`loss_weight`); docs/learned.md has the measurements behind the defaults.
+    prediction_type: str = "v_prediction"
+    loss_weighting: str = "clipped_snr"
     snr_gamma: float = 5.0
 
     def __post_init__(self):
@@ -235,15 +235,21 @@ def prediction_target(prediction_type: str, images: Array, eps: Array, abar: Arr
 def loss_weight(config: TrainConfig, abar: Array) -> Array:
     """The weight ``[B]`` of each image's prediction MSE at ``abar [B]``.
 
-    In terms of the error of the clean image (the denoiser's error), the plain MSE weighs it
-    by SNR (epsilon) or SNR + 1 (v), ``SNR = abar / (1 - abar)``. ``"min_snr"`` makes that
-    ``min(SNR, gamma)``: no level with a large SNR dominates (Hang et al. 2023).
+    In terms of the error of the clean image (the denoiser's error), the plain MSE
+    (``"uniform"``) weighs it by SNR (epsilon) or SNR + 1 (v), ``SNR = abar / (1 - abar)``.
+    ``"min_snr"`` makes that ``min(SNR, gamma)`` (Min-SNR, Hang et al. 2023): no level with a
+    large SNR dominates, but the levels of SNR << 1 get almost no weight. ``"clipped_snr"``
+    makes it ``clip(SNR, 1, gamma)``: Min-SNR's cap with the floor of 1 of Salimans & Ho's
+    truncated SNR, so the top of the table keeps the weight v's plain MSE gives it.
     """
     if config.loss_weighting == "uniform":
         return jnp.ones_like(abar)
     snr = abar / (1.0 - abar)
     plain = snr if config.prediction_type == "epsilon" else snr + 1.0
-    return jnp.minimum(snr, config.snr_gamma) / plain
+    target = jnp.minimum(snr, config.snr_gamma)
+    if config.loss_weighting == "clipped_snr":
+        target = jnp.maximum(target, 1.0)
+    return target / plain
 
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
