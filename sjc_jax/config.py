@@ -240,7 +240,9 @@ class RunSettings:
     keep_checkpoints: int = _field(2, "most recent checkpoints kept")
     log_every: int = _field(10, "steps between metric fetches (the loop's only host syncs)")
     video_frames: int = _field(100, "frames of the final videos")
-    mesh_threshold: float | None = _field(None, "density level of the mesh; None = ln 2 / delta")
+    mesh_threshold: float | None = _field(
+        None, "density level of the mesh; None = the level whose silhouettes match the lift's"
+    )
 
     def __post_init__(self):
         _check_positive_ints(
