@@ -14,6 +14,10 @@ lift's own rendered silhouettes:
   and the peak) whose silhouettes along the three axes have the highest IoU with the volume's;
   among levels within `IOU_TOLERANCE` of the best, the highest (the thinnest surface that still
   covers what the renders show).
+* A hazy lift (the learned model's) can match its silhouettes best at a level where the object
+  falls apart; the level is then lowered, through the candidates, to the highest one at which
+  the largest 6-connected component of the voxels above it holds `MIN_LARGEST_SHARE` of them
+  (the silhouette IoU reported is that level's).
 
 Inside, a lift is often hollow: once its shell is opaque nothing trains the voxels behind it, so
 an iso-surface also wraps the inner side of the shell and the random density inside (half of the
@@ -44,6 +48,7 @@ from sjc_jax.grid import activate_density
 LEVELS = 96  # candidate levels of `choose_level`
 IOU_TOLERANCE = 0.002  # levels this close to the best silhouette IoU count as equally good
 MIN_PIECE_FRACTION = 0.05  # pieces smaller than this fraction of the largest are removed
+MIN_LARGEST_SHARE = 0.9  # `choose_level` lowers the level until one component holds this share
 # The rule's name, as eval.json and mesh.json report it.
 RULE = "silhouette"
 
@@ -105,7 +110,21 @@ def choose_level(density, voxel_size) -> tuple[float | None, float | None]:
     iou = inter / np.maximum(union, 1)
     good = np.flatnonzero(iou >= iou.max() - IOU_TOLERANCE)
     best = int(good[-1])
+    for lower in range(best, -1, -1):  # a hazy lift: down to the highest level that connects
+        if largest_share(density > levels[lower]) >= MIN_LARGEST_SHARE:
+            return float(levels[lower]), float(iou[lower])
     return float(levels[best]), float(iou[best])
+
+
+def largest_share(occupied) -> float:
+    """The largest 6-connected component's share of the ``True`` voxels (0 if none)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(occupied)  # face neighbours, as the mesh connects them
+    if count == 0:
+        return 0.0
+    sizes = np.bincount(labels.ravel())[1:]
+    return float(sizes.max() / sizes.sum())
 
 
 def hidden_voxels(density, voxel_size) -> np.ndarray:
@@ -267,6 +286,7 @@ __all__ = [
     "MIN_PIECE_FRACTION",
     "MeshInfo",
     "choose_level",
+    "largest_share",
     "grid_mesh",
     "hidden_voxels",
     "mesh_settings",

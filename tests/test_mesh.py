@@ -146,3 +146,26 @@ def test_a_hollow_shell_is_meshed_solid():
     assert _radii(mesh).min() > 0.5 - 2 * VOXEL  # no inner wall left
     unfilled = extract_mesh(shell, _colors(), aabb=AABB, threshold=info.level)
     assert _radii(unfilled).min() < 0.45  # without the fill, the inner wall
+
+
+def test_a_hazy_lift_is_lowered_until_it_connects():
+    """Two opaque balls joined by a faint neck (opacity 0.2 across it): the silhouettes match
+    best above the neck's density, where the balls fall apart (the larger holds 80 % of the
+    voxels); the level goes down until one component holds 90 %, and the mesh is one piece."""
+    balls = _sphere(0.4, peak=40.0, centre=(-0.4, 0, 0)) + _sphere(
+        0.25, peak=40.0, centre=(0.5, 0, 0)
+    )
+    centres = _centres()
+    neck = (np.abs(centres[..., 0]) < 0.4) & (np.linalg.norm(centres[..., 1:], axis=-1) < 0.05)
+    density = np.maximum(balls, np.where(neck, 2.0, 0.0))
+    peaks, masks = mesh_rule.silhouettes(density, np.full(3, VOXEL))
+    x = centres[:, 20, 20, 0]
+    gap = (x > 0.05) & (x < 0.2)  # between the balls: the neck is not in the volume's silhouette
+    assert gap.any() and not masks[1][gap, 20].any()
+    apart = density > 2.0
+    assert mesh_rule.largest_share(apart) < 0.9
+    level, _ = mesh_rule.choose_level(density, np.full(3, VOXEL))
+    assert level < 2.0 and mesh_rule.largest_share(density > level) >= 0.9
+    _, info = mesh_rule.object_mesh(density, _colors(), aabb=AABB)
+    assert info.pieces_before == info.pieces == 1
+    assert mesh_rule.largest_share(np.zeros((3, 3, 3), bool)) == 0.0
