@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjc_jax import export
+from sjc_jax import export, files
 from sjc_jax.camera import Camera, make_camera, sjc_eye, turntable_path
 from sjc_jax.config import SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
-from sjc_jax.grid import activate_density
 from sjc_jax.grid_io import save_grid_file
+from sjc_jax.mesh import grid_mesh, mesh_settings
 from sjc_jax.render import render_view
-from sjc_jax.rundir import FINAL
+from sjc_jax.rundir import FINAL, MESH_INFO
 from sjc_jax.testbed.scenes import render_views
 
 
@@ -51,13 +51,16 @@ class Artifacts:
         self._render = jax.jit(lambda grid, cam: render_view(grid, cam, render_config))
 
     def preview(self, grid, path: Path) -> np.ndarray:
-        """Save the preview (decoded image | depth) as a PNG; returns it ``[H, 2W, 3]``."""
+        """Save the preview (decoded image | depth) as a PNG; returns it ``[H, 2W, 3]``.
+
+        Upscaled by nearest neighbour to at least `export.MIN_PICTURE_SIDE` pixels high.
+        """
         view = self._render(grid, preview_camera(self.size, self.config.camera.radius))
         rgb = _to_rgb(self.denoiser, np.asarray(view.image)[None])[0]
         depth = export.colorize_depth(np.asarray(view.depth), near=0.3, far=10.0)
         scale = rgb.shape[0] // depth.shape[0]  # the VAE decodes at 8x the latent size
         depth = np.repeat(np.repeat(depth, scale, 0), scale, 1)
-        picture = np.concatenate([rgb, depth], axis=1)
+        picture = export.upscale_nearest(np.concatenate([rgb, depth], axis=1))
         export.save_png(path, picture)
         return picture
 
@@ -80,25 +83,14 @@ class Artifacts:
         export.save_video(final / "depth.mp4", depths)
 
     def mesh(self, grid, final: Path) -> None:
-        config = self.config
-        density = np.asarray(
-            activate_density(grid.density, grid.density_scale, config.render.density_shift)
-        )
-        feats = np.asarray(grid.features)
-        if self.denoiser.feature_space == "rgb":
-            colors = np.clip(feats, 0.0, 1.0)
-        else:
-            from sjc_jax.diffusion.stable_diffusion import latent_to_rgb_approx
-
-            colors = np.asarray(latent_to_rgb_approx(feats))
-        mesh = export.extract_mesh(
-            density,
-            colors,
-            aabb=config.render_config().aabb,
-            threshold=config.run.mesh_threshold,
-            step_ratio=config.render.step_ratio,
+        """``mesh.ply``, ``.glb``, ``.obj`` (+ texture) and ``mesh.json`` (how it was made)."""
+        mesh, info = grid_mesh(
+            grid,
+            feature_space=self.denoiser.feature_space,
+            **mesh_settings(self.config),
         )
         export.save_mesh_files(final, mesh)
+        files.write_json(final / MESH_INFO, info.to_dict())
 
     def grid_file(self, grid, final: Path) -> None:
         save_grid_file(
@@ -151,7 +143,7 @@ def write_final(
     (`publish_final`); ``before_part()`` is called before each (raise in it to stop). Returns the
     evaluation (None without ``evaluate``).
     """
-    from sjc_jax import files, report, rundir
+    from sjc_jax import report, rundir
 
     clear_unpublished(out)
     tmp = out / f"final.tmp-{time.time_ns()}"

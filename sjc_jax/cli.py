@@ -126,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(run)
     _add_sweep_parser(sub)
     _add_train_parser(sub)
+    export = sub.add_parser(
+        "export",
+        help="write a finished run's final/ again from its final/grid.npz",
+        description="Meshes, view, videos, curves, eval.json (testbed and learned runs) and "
+        "index.html of RUN_DIR, made again from RUN_DIR/final/grid.npz with the run's config.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's directory")
+    export.add_argument(
+        "--mesh-threshold",
+        type=float,
+        default=None,
+        help="density level of the mesh (default: the run's setting; unset, the level whose "
+        "silhouettes match the lift's, docs/outputs.md)",
+    )
     bench = sub.add_parser("bench", help="time the renderer and the SJC step; prints JSON")
     bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
     bench.add_argument(
@@ -548,6 +562,13 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
         return _train_model(args, stop)
     if args.command == "sweep":
         return _sweep(args, stop)
+    if args.command == "export":
+        from sjc_jax.reexport import export_run
+
+        return _outcome(
+            lambda: export_run(args.run_dir, mesh_threshold=args.mesh_threshold),
+            interrupted=runner.Interrupted,
+        )
 
     def action() -> dict[str, Any]:
         steps = None

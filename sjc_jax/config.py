@@ -97,6 +97,9 @@ class RenderSettings:
     density_shift: float = _field(-1.0, "s in softplus(raw * exp(d_scale) + s)")
     weight_threshold: float = _field(1e-4, "features count only where a sample's weight exceeds it")
     background_depth: float = _field(10.0, "depth given to the background")
+    background_wrap: bool = _field(
+        True, "background wraps in azimuth (no seam); False zero-pads it as the original"
+    )
 
     def __post_init__(self):
         _check_positive_ints(self, ("grid_resolution", "background_resolution"))
@@ -107,6 +110,8 @@ class RenderSettings:
             raise ValueError(f"image_size must be an integer >= 8, got {self.image_size!r}")
         _check_finite(self, ("step_ratio", "density_shift", "background_depth"))
         _check_finite(self, ("weight_threshold",), low=0.0)
+        if not isinstance(self.background_wrap, bool):
+            raise ValueError(f"background_wrap must be true or false, got {self.background_wrap!r}")
         if not self.step_ratio > 0:
             raise ValueError(f"step_ratio must be positive, got {self.step_ratio}")
 
@@ -117,6 +122,7 @@ class RenderSettings:
             density_shift=self.density_shift,
             weight_threshold=self.weight_threshold,
             background_depth=self.background_depth,
+            background_wrap=self.background_wrap,
         )
 
 
@@ -239,7 +245,9 @@ class RunSettings:
     keep_checkpoints: int = _field(2, "most recent checkpoints kept")
     log_every: int = _field(10, "steps between metric fetches (the loop's only host syncs)")
     video_frames: int = _field(100, "frames of the final videos")
-    mesh_threshold: float | None = _field(None, "density level of the mesh; None = ln 2 / delta")
+    mesh_threshold: float | None = _field(
+        None, "density level of the mesh; None = the level whose silhouettes match the lift's"
+    )
 
     def __post_init__(self):
         _check_positive_ints(

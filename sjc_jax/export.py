@@ -31,9 +31,12 @@ from sjc_jax.files import atomic_path
 from sjc_jax.grid import DEFAULT_AABB
 
 # Videos: frames smaller than this (in pixels, shorter side) are upscaled by nearest neighbour,
-# and both sides are padded to a multiple of the H.264 macro block, so players cope.
-MIN_VIDEO_SIDE = 128
+# and both sides are padded to a multiple of the H.264 macro block, so players cope. 384 px: a
+# 32 px testbed turntable is seen at a size one can judge (the report shows it at this size).
+MIN_VIDEO_SIDE = 384
 MACRO_BLOCK = 16
+# Pictures (view.png, the previews): upscaled by nearest neighbour to at least this side.
+MIN_PICTURE_SIDE = 256
 
 # Polynomial fit of matplotlib's viridis (Matt Zucker, shadertoy WlfXRN): degree 6 per channel,
 # coefficients from the constant term up. Perceptually uniform with monotone lightness.
@@ -62,6 +65,16 @@ def to_uint8(images) -> np.ndarray:
         raise ValueError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
     images = np.nan_to_num(images.astype(np.float32), nan=0.0)
     return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def upscale_nearest(image, min_side: int = MIN_PICTURE_SIDE) -> np.ndarray:
+    """``image [H, W, ...]`` repeated by the smallest integer factor that makes ``min(H, W) >=
+    min_side`` (nearest neighbour: each pixel stays a sharp square); unchanged if large enough."""
+    image = np.asarray(image)
+    scale = max(1, math.ceil(min_side / max(1, min(image.shape[:2]))))
+    if scale == 1:
+        return image
+    return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
 
 
 def save_png(path: str | os.PathLike, image) -> Path:
@@ -141,10 +154,7 @@ def _video_frames(frames) -> np.ndarray:
         )
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
-    height, width = frames.shape[1:3]
-    scale = max(1, math.ceil(MIN_VIDEO_SIDE / min(height, width)))
-    if scale > 1:
-        frames = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
+    frames = np.stack([upscale_nearest(frame, MIN_VIDEO_SIDE) for frame in frames])
     pad_h = -frames.shape[1] % MACRO_BLOCK
     pad_w = -frames.shape[2] % MACRO_BLOCK
     if pad_h or pad_w:
@@ -251,6 +261,7 @@ def extract_mesh(
     aabb=DEFAULT_AABB,
     threshold: float | None = None,
     step_ratio: float = 0.5,
+    color_density=None,
 ) -> trimesh.Trimesh:
     """Marching-cubes surface of an activated density grid, with vertex colours.
 
@@ -267,6 +278,8 @@ def extract_mesh(
         render step).
       step_ratio: the renderer's step in voxels, used for the default threshold and for the
         opacity weighting of vertex colours.
+      color_density: ``[X, Y, Z]`` the density whose opacity weighs the vertex colours; default
+        ``density`` (`sjc_jax.mesh` meshes a filled density but weighs by the lift's own).
 
     Returns:
       A `trimesh.Trimesh` with uint8 RGBA vertex colours. If no voxel, or every voxel, exceeds
@@ -310,7 +323,10 @@ def extract_mesh(
     # the renderer sees nothing outside the box, so the mesh is clipped to it.
     world = np.clip(aabb[0] + (index + 0.5) * size, aabb[0], aabb[1])
     delta = step_ratio * float(size.mean())
-    alpha = -np.expm1(-density * delta)
+    weigh = density if color_density is None else np.asarray(color_density, np.float64)
+    if weigh.shape != density.shape:
+        raise ValueError(f"color_density must have shape {density.shape}, got {weigh.shape}")
+    alpha = -np.expm1(-weigh * delta)
     rgb = _vertex_colors(index, colors, alpha)
     rgba = np.concatenate([to_uint8(rgb), np.full((len(rgb), 1), 255, np.uint8)], axis=-1)
     return trimesh.Trimesh(

@@ -54,10 +54,14 @@ def _build_testbed(config: SJCConfig) -> Model:
     bed = testbed.build_testbed(
         config, ground_truth, key=jax.random.key(config.run.seed), aabb=aabb
     )
+    truth = testbed.truth_mesh(ground_truth, aabb, config)
     return Model(
         denoiser=bed.denoiser,
         background=bed.background,
-        evaluate=lambda grid: testbed.evaluate(grid, bed, config),
+        evaluate=lambda grid: {
+            **testbed.evaluate(grid, bed, config),
+            **testbed.evaluate_mesh(grid, truth, config),
+        },
     )
 
 

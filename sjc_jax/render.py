@@ -45,6 +45,10 @@ class RenderConfig:
     weight_threshold: float = 1e-4
     # Depth assigned to the background (the transmittance left at the end of the ray).
     background_depth: float = 10.0
+    # Background lookup: True wraps the texture around in azimuth (its height) and clamps it at
+    # the poles (its width), so the sphere has no seam; False zero-pads both, as the original's
+    # grid_sample does, which blends black into a line at the azimuth wrap (docs/deviations.md).
+    background_wrap: bool = True
     # Performance only (results are bitwise the same): sizes of the packed field lookup as
     # fractions of the N x S dense samples; the smallest that holds a view's valid samples runs
     # (SJC training views fill 50-74 %), the dense lookup is the fallback. () = always dense.
@@ -140,13 +144,17 @@ def background_uv(direction: Array) -> Array:
     return jnp.stack([u, v])
 
 
-def bilinear(texture: Array, uv: Array) -> Array:
+def bilinear(texture: Array, uv: Array, *, wrap: bool = False) -> Array:
     """Bilinear lookup of ``texture [Hb, Wb, C]`` at ``uv [2]`` in [0, 1] (u along width).
 
-    Texel centres at ``(i + 0.5) / size`` and zero padding, as torch ``grid_sample`` with
-    ``align_corners=False``.
+    Texel centres at ``(i + 0.5) / size``. ``wrap=False``: zero padding, as torch
+    ``grid_sample`` with ``align_corners=False`` (the original). ``wrap=True``: rows wrap around
+    (v is the azimuth, periodic) and columns clamp to the edge (u is the polar angle, whose ends
+    are the poles), so a texture on the sphere has no seam.
     """
     height, width = texture.shape[:2]
+    if wrap:
+        return _bilinear_wrapped(texture, uv)
     col = uv[0] * width - 0.5
     row = uv[1] * height - 0.5
     c0, r0 = jnp.floor(col), jnp.floor(row)
@@ -159,6 +167,21 @@ def bilinear(texture: Array, uv: Array) -> Array:
         inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
         texel = texture[jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1)]
         out = out + jnp.where(inside, weight, 0.0) * texel
+    return out
+
+
+def _bilinear_wrapped(texture: Array, uv: Array) -> Array:
+    height, width = texture.shape[:2]
+    col = jnp.clip(uv[0] * width - 0.5, 0.0, width - 1.0)
+    row = uv[1] * height - 0.5
+    c0, r0 = jnp.floor(col), jnp.floor(row)
+    fc, fr = col - c0, row - r0
+    c0, r0 = c0.astype(jnp.int32), r0.astype(jnp.int32)
+    out = jnp.zeros(texture.shape[2:], texture.dtype)
+    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        r, c = jnp.mod(r0 + dr, height), jnp.minimum(c0 + dc, width - 1)
+        weight = (fr if dr else 1 - fr) * (fc if dc else 1 - fc)
+        out = out + weight * texture[r, c]
     return out
 
 
@@ -378,7 +401,8 @@ def render_rays(
         tier = jax.lax.pmax(tier, config.batch_axis)
     raw, feats = jax.lax.switch(tier, branches, grid)
     sigma = jnp.where(valid, activate_density(raw, grid.density_scale, config.density_shift), 0.0)
-    bg = jax.vmap(lambda d: bilinear(grid.background, background_uv(d)))(directions)
+    wrap = config.background_wrap
+    bg = jax.vmap(lambda d: bilinear(grid.background, background_uv(d), wrap=wrap))(directions)
     composite = jax.vmap(
         lambda s, f, tt, b: composite_ray(
             s,

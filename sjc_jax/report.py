@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sjc_jax import export, files, rundir
 
 INDEX = "index.html"
@@ -57,6 +59,9 @@ th.metric { background: #f8f0e4; }
 video, img.view, img.plot { max-width: 100%; }
 .videos { display: flex; flex-wrap: wrap; gap: 1em; }
 .videos figure { margin: 0; }
+video.result { width: 512px; max-width: 100%; image-rendering: pixelated; }
+#mesh-view { width: 512px; max-width: 100%; border: 1px solid #ddd; cursor: grab;
+  touch-action: none; }
 img.thumb { height: 64px; display: block; }
 """
 
@@ -227,8 +232,6 @@ def _curve_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _series(records: Sequence[Mapping[str, Any]], key: str):
     """``(steps, values)`` float arrays of one metric (NaN where a record lacks it)."""
-    import numpy as np
-
     steps = np.array([float(r.get("step", i)) for i, r in enumerate(records)])
     values = np.array([float(r[key]) if _is_number(r.get(key)) else np.nan for r in records])
     return steps, values
@@ -281,7 +284,7 @@ def _config_section(run_dir: Path) -> str:
         for name, value in _flatten(config)
     )
     return (
-        f"<details open><summary><h2>Config</h2></summary>\n"
+        f"<details><summary><h2>Config</h2></summary>\n"
         f'<table id="config">\n<thead><tr><th>field</th><th>value</th></tr></thead>\n'
         f"<tbody>\n{rows}</tbody></table>\n</details>"
     )
@@ -296,41 +299,94 @@ def _eval_section(final: Path) -> str:
         f"<tr><td>{_esc(name)}</td>{_cell(value, short=True)}</tr>\n"
         for name, value in scalars.items()
     )
-    left = len(evaluation) - len(scalars)
-    more = _note(f"{left} non-scalar entries of eval.json not shown.") if left else ""
+    left = len([k for k in evaluation if k not in scalars and k != "mesh"])
+    more = _note(f"{left} per-camera lists of eval.json not shown.") if left else ""
     return (
         f'<h2>Evaluation</h2>\n<table id="eval">\n<thead><tr><th>metric</th><th>value</th></tr>'
         f"</thead>\n<tbody>\n{rows}</tbody></table>\n{more}"
     )
 
 
-def _videos_section(final: Path) -> str:
+def _mesh_info_section(final: Path) -> str:
+    """The mesh's level, pieces and (testbed, learned) its distances to the true surface."""
+    evaluation = _read_json(final / "eval.json")
+    info = evaluation.get("mesh") if isinstance(evaluation, Mapping) else None
+    if not isinstance(info, Mapping):
+        info = _read_json(final / rundir.MESH_INFO)
+    if not isinstance(info, Mapping):
+        return ""
+    rows = "".join(
+        f"<tr><td>{_esc(name)}</td>{_cell(value, short=True, null=True)}</tr>\n"
+        for name, value in _scalars(info).items()
+    )
+    return (
+        f'<h2>Mesh</h2>\n<table id="mesh">\n<thead><tr><th>mesh</th><th>value</th></tr>'
+        f"</thead>\n<tbody>\n{rows}</tbody></table>\n"
+        + _note("Level rule, pieces and distances: docs/outputs.md of sjc-jax.")
+    )
+
+
+def _mesh_view_section(final: Path) -> str:
+    """The interactive view of ``final/mesh.ply`` (`sjc_jax.mesh_viewer`)."""
+    from sjc_jax import mesh_viewer
+
+    path = final / "mesh.ply"
+    if not path.is_file():
+        return ""
+    try:
+        import trimesh
+
+        mesh = trimesh.load(path, process=False, force="mesh")
+        faces = np.asarray(mesh.faces)
+        colors = np.asarray(mesh.visual.vertex_colors)
+    except Exception:  # an unreadable mesh file is left out with a note, as other pieces
+        return "<h2>Mesh</h2>\n" + _note("final/mesh.ply could not be read.")
+    if len(faces) == 0:
+        return _note("The mesh is empty: no surface to show.")
+    if len(faces) > mesh_viewer.MAX_FACES:
+        return _note(
+            f"The mesh has {len(faces)} faces, more than the page embeds "
+            f"({mesh_viewer.MAX_FACES}); open final/mesh.glb in a viewer."
+        )
+    return (
+        "<figure>"
+        + mesh_viewer.viewer_html(mesh.vertices, faces, colors)
+        + "<figcaption>mesh: drag to rotate, wheel to zoom, double click to reset"
+        "</figcaption></figure>"
+    )
+
+
+def _result_section(final: Path) -> str:
+    """The turntable, its depth and the interactive mesh, side by side."""
     figures = []
     for name, caption in (("turntable.mp4", "turntable"), ("depth.mp4", "depth")):
         data = _read_bytes(final / name)
         if data is None:
             continue
         figures.append(
-            f"<figure><video controls loop muted autoplay playsinline>"
+            f'<figure><video class="result" controls loop muted autoplay playsinline>'
             f'<source src="{_data_uri(data, "video/mp4")}" type="video/mp4"></video>'
             f"<figcaption>{_esc(caption)}</figcaption></figure>"
         )
+    figures.append(_mesh_view_section(final))
+    figures = [f for f in figures if f]
     if not figures:
         return ""
-    return '<h2>Videos</h2>\n<div class="videos">' + "".join(figures) + "</div>"
+    return '<h2>Result</h2>\n<div class="videos">' + "".join(figures) + "</div>"
 
 
 def _final_sections(run_dir: Path) -> list[str]:
     final = run_dir / rundir.FINAL
     if not final.is_dir():
         return [_note("No final/ yet: the run has not finished (or stopped before writing it).")]
-    parts = [_eval_section(final), _videos_section(final)]
-    view = _png(final / "view.png")
-    if view is not None:
-        parts.append(
-            "<h2>Final view</h2>\n" + _img(view, alt="final view (image | depth)", cls="view")
-        )
-    return [part for part in parts if part]
+    return [part for part in (_result_section(final), _eval_section(final)) if part]
+
+
+def _final_view_section(run_dir: Path) -> str:
+    view = _png(run_dir / rundir.FINAL / "view.png")
+    if view is None:
+        return ""
+    return "<h2>Final view</h2>\n" + _img(view, alt="final view (image | depth)", cls="view")
 
 
 def _previews_section(run_dir: Path) -> str:
@@ -364,8 +420,10 @@ def _metrics_section(run_dir: Path) -> str:
 def run_index(run_dir: str | os.PathLike, *, title: str | None = None) -> str:
     """The self-contained HTML report of one run directory.
 
-    Config table, evaluation (``final/eval.json``), videos, final view, preview strip and
-    metric curves; missing pieces are left out with a note.
+    The result first (turntable and depth videos, the interactive mesh), then the evaluation
+    (``final/eval.json``), the metric curves, the mesh's level and pieces (and its distances to
+    the true surface), the final view, the preview strip, and the config folded away; missing
+    pieces are left out with a note.
 
     Args:
       run_dir: the run's ``--out`` directory.
@@ -378,12 +436,14 @@ def run_index(run_dir: str | os.PathLike, *, title: str | None = None) -> str:
     if title is None:
         title = f"Run {run_dir.resolve().name or run_dir}"
     body = [
-        _config_section(run_dir),
         *_final_sections(run_dir),
-        _previews_section(run_dir),
         _metrics_section(run_dir),
+        _mesh_info_section(run_dir / rundir.FINAL),
+        _final_view_section(run_dir),
+        _previews_section(run_dir),
+        _config_section(run_dir),
     ]
-    return _page(title, body)
+    return _page(title, [part for part in body if part])
 
 
 def write_run_index(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:

@@ -43,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 FINAL = "final"
 LOCK = ".lock"
+MESH_INFO = "mesh.json"  # in final/: how its mesh was made (`sjc_jax.mesh.MeshInfo`)
 ENTRIES = (CONFIG, METRICS, PREVIEWS, CHECKPOINTS, TENSORBOARD, FINAL, LOCK)
 # Leftovers of a killed writer: `files.atomic_path`'s temporaries, unpublished final/ folders.
 _LEFTOVER_RE = re.compile(r"^(\..+\.[0-9a-f]{12}\.tmp.*|final\.(tmp|old)-\d+)$")

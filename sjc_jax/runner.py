@@ -56,13 +56,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm.auto import tqdm
 
 from sjc_jax import checkpoint, files, interrupts, resources, rundir
 from sjc_jax.artifacts import Artifacts, read_eval, write_final
 from sjc_jax.config import SJCConfig
 from sjc_jax.devices import accelerator_warning, describe_backend
 from sjc_jax.models import Model, build_model
+from sjc_jax.progress import progress_bar
 from sjc_jax.prompts import short_prompt
 from sjc_jax.rundir import RunError
 from sjc_jax.sjc import TrainState, init_state, make_step, views_mesh
@@ -92,6 +92,20 @@ def config_from_dict(values: dict[str, Any]) -> SJCConfig:
         return SJCConfig.from_dict(values)
     except (ValueError, TypeError) as err:
         raise RunError(f"bad config: {err}") from None
+
+
+def write_board_summary(
+    out: Path, step: int, config: SJCConfig, evaluation: dict[str, Any] | None
+) -> None:
+    """A finished run's TensorBoard summary: the evaluation (``eval.json``; without one, the
+    mesh's ``final/mesh.json``) as ``eval/...`` scalars and the config as hyper-parameters."""
+    if evaluation is None:
+        try:
+            evaluation = {"mesh": json.loads((out / rundir.FINAL / rundir.MESH_INFO).read_text())}
+        except (OSError, ValueError):
+            evaluation = {}
+    with TensorBoardWriter(out / rundir.TENSORBOARD) as board:
+        board.summary(step, config.to_flat(), evaluation)
 
 
 # --- the generic loop ------------------------------------------------------------------------
@@ -140,7 +154,7 @@ def run_loop(
         batch of lifts' metrics are lists, one value a lift); raise
         in it to stop the loop (e.g. `NonFiniteError`).
       hooks: called after their steps, in order.
-      bar: a tqdm bar to advance, or None.
+      bar: a progress bar to advance (`sjc_jax.progress`), or None.
       should_stop: asked after every step (and once before the first); when it answers True the
         loop flushes the metrics, saves the state (unless just saved) and raises `Interrupted`.
       start: the state's step, when read from the state is not possible here (a batch of lifts
@@ -326,7 +340,7 @@ def run(
       estimator, camera_sampler, sigma_sampler, regularizers, optimizer: research choices as
         values, passed to `sjc.make_step` (None: built from the config). A resumed run must be
         given the same values.
-      progress: show a tqdm bar.
+      progress: show the progress (a tqdm bar on a terminal, plain lines elsewhere).
       stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
       stop: where Ctrl-C / SIGTERM are recorded (`interrupts.StopRequest`, its handlers installed
         by the caller); None installs SIGINT and SIGTERM handlers for the call (main thread).
@@ -438,11 +452,10 @@ def _run_locked(
     artifacts = Artifacts(config, denoiser, size)
     end = total if stop_after is None else min(total, start + stop_after)
     t_start = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         initial=start,
-        disable=not progress,
-        dynamic_ncols=True,
+        enabled=progress,
         desc=short_prompt(config.model.prompt) if config.model.prompt else denoiser.name,
     )
     writer = checkpoint.CheckpointWriter(ckpt_dir, keep=config.run.keep_checkpoints)
@@ -522,12 +535,14 @@ def _run_locked(
             )
 
     evaluation = write_final(out, grid, artifacts, evaluate=model.evaluate, before_part=before_part)
+    write_board_summary(out, total, config, evaluation)
     if model.evaluate is not None:
         summary["eval"] = evaluation
     return summary
 
 
 __all__ = [
+    "write_board_summary",
     "Artifacts",
     "DiskFullError",
     "Hook",

@@ -27,14 +27,21 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from sjc_jax import checkpoint, files, interrupts, report, rundir, sweep
 from sjc_jax.artifacts import Artifacts, write_final
 from sjc_jax.config import SJCConfig
 from sjc_jax.models import build_model
+from sjc_jax.progress import progress_bar
 from sjc_jax.rundir import RunError
-from sjc_jax.runner import Hook, Interrupted, NonFiniteError, config_to_dict, run_loop
+from sjc_jax.runner import (
+    Hook,
+    Interrupted,
+    NonFiniteError,
+    config_to_dict,
+    run_loop,
+    write_board_summary,
+)
 from sjc_jax.tensorboard import TensorBoardWriter
 
 PLAN = "plan.json"
@@ -293,8 +300,7 @@ def _run_locked(lifts, out: Path, *, resume, progress, stop, log, stop_after) ->
     boards = {i: TensorBoardWriter(d / rundir.TENSORBOARD, purge_step=start if resume else None)
               for i, d in dirs.items()}  # fmt: skip
     metric_files = {i: open(d / rundir.METRICS, "a") for i, d in dirs.items()}
-    bar = tqdm(total=total, initial=start, disable=not progress, dynamic_ncols=True,
-               desc=f"sweep x{len(configs)}")  # fmt: skip
+    bar = progress_bar(total=total, initial=start, enabled=progress, desc=f"sweep x{len(configs)}")
 
     def save(state) -> None:
         step = _local_step(state)
@@ -365,6 +371,7 @@ def _run_locked(lifts, out: Path, *, resume, progress, stop, log, stop_after) ->
                 f"python -m sjc_jax sweep --resume {out}"
             )
         evaluation = write_final(dirs[i], grid, artifacts, evaluate=built[i].evaluate)
+        write_board_summary(dirs[i], total, configs[i], evaluation)
         records = rundir.read_metrics(dirs[i] / rundir.METRICS)
         last = records[-1] if records else {}
         rows.append(

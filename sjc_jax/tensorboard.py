@@ -2,7 +2,9 @@
 
 ``tensorboard --logdir RUN_DIR/tensorboard`` shows them. `TensorBoardWriter` takes what the run
 loop already has on the host: the fetched metrics of a step (`TensorBoardWriter.scalars`) and
-preview images ``[H, W, 3]`` in [0, 1] or uint8 (`TensorBoardWriter.image`). A resumed run
+preview images ``[H, W, 3]`` in [0, 1] or uint8 (`TensorBoardWriter.image`), and at the end the
+evaluation and the config (`TensorBoardWriter.summary`: ``eval/...`` scalars and the HParams
+table, the latter in the subdirectory ``hparams/``). A resumed run
 passes ``purge_step`` (the step it resumes from), so TensorBoard hides the events the
 interrupted run wrote past that step.
 
@@ -111,6 +113,36 @@ class TensorBoardWriter:
             number = float(array.reshape(()))
             if math.isfinite(number):
                 self._writer.add_scalar(name, number, global_step=int(step))
+
+    def summary(self, step: int, config: Mapping[str, Any], evaluation: Mapping[str, Any]) -> None:
+        """A finished run: its evaluation as scalars, its config as hyper-parameters.
+
+        ``evaluation`` (``eval.json``, or ``{"mesh": ...}`` alone) goes in as ``eval/<key>``
+        scalars at ``step``, one level of nested dicts as ``eval/<key>/<inner>``; lists and
+        strings are left out. ``config`` (`SJCConfig.to_flat`) becomes TensorBoard's HParams
+        table (values that are not numbers or bools as text), with the scalars as its metrics.
+        """
+        flat: dict[str, Any] = {}
+        for key, value in evaluation.items():
+            if isinstance(value, Mapping):
+                flat.update({f"eval/{key}/{inner}": v for inner, v in value.items()})
+            else:
+                flat[f"eval/{key}"] = value
+        self.scalars(step, flat)
+        if not self._writing():
+            return
+        metrics = {}
+        for name, value in flat.items():
+            array = np.asarray(value)
+            if array.size == 1 and array.dtype.kind in "biuf":
+                number = float(array.reshape(()))
+                if math.isfinite(number):
+                    metrics[name] = number
+        hparams = {
+            name: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for name, value in config.items()
+        }
+        self._writer.add_hparams(hparams, metrics, name="hparams", global_step=int(step))
 
     def image(self, step: int, name: str, array: Any) -> None:
         """An image ``[H, W, 3]`` (or ``[H, W, 4]``, ``[H, W]``) in [0, 1] or uint8 at ``step``."""

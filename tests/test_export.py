@@ -112,7 +112,7 @@ def test_video_decodes_with_right_frame_count(tmp_path, size, frames, dtype):
     video = to_uint8(video) if dtype == np.uint8 else video
     path = save_video(tmp_path / "v.mp4", video, fps=10)
     decoded = imageio.imread(path, index=None)
-    side = max(size, 128)  # upscaled by nearest neighbour to at least 128 px
+    side = max(size, 384)  # upscaled by nearest neighbour to at least 384 px
     assert decoded.shape == (frames, side, side, 3)
     # Content survives: nearest-neighbour downsampling of the decoded video matches the input.
     scale = side // size
@@ -124,7 +124,7 @@ def test_video_decodes_with_right_frame_count(tmp_path, size, frames, dtype):
 def test_video_odd_sizes_and_grey(tmp_path):
     path = save_video(tmp_path / "odd.mp4", np.full((3, 129, 131), 0.5, np.float32))
     decoded = imageio.imread(path, index=None)
-    assert decoded.shape == (3, 144, 144, 3)  # padded to the 16-pixel macro block
+    assert decoded.shape == (3, 400, 400, 3)  # x3 to 387 x 393, padded to the macro block
     with pytest.raises(ValueError, match="frames"):
         save_video(tmp_path / "bad.mp4", np.zeros((0, 8, 8, 3)))
     with pytest.raises(ValueError, match="fps"):

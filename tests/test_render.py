@@ -154,7 +154,7 @@ def pad_weights(w_ref, budget):
 def test_matches_reference(name, tiers):
     grid = random_grid(jax.random.key(0))
     ro, rd = rays_of(**CAMERAS[name])
-    config = render.RenderConfig(compact_tiers=tiers)
+    config = render.RenderConfig(compact_tiers=tiers, background_wrap=False)
     out = jax.jit(lambda g, o, d: render.render_rays(g, o, d, None, None, config))(grid, ro, rd)
     rgb, depth, weights, k, _ = reference_render(
         as_numpy(grid), ro.astype(np.float64), rd.astype(np.float64)
@@ -181,6 +181,7 @@ def test_misses_render_background():
 
 def test_sjc_defaults():
     config = render.RenderConfig()
+    assert config.background_wrap  # the one default that is not the original's
     assert render.step_size(config, (100, 100, 100)) == 0.009999999776482582
     assert render.sample_budget(config, (100, 100, 100)) == 347
     assert hash(config) == hash(render.RenderConfig())
@@ -217,7 +218,7 @@ def test_gradients_match_reference(name):
     with the feature mask held at its value (it is not differentiated, as in the original)."""
     grid = random_grid(jax.random.key(3), res=(5, 4, 6), channels=3, scale=2.0, bg=(3, 4))
     ro, rd = rays_of(**CAMERAS[name], size=5)
-    config = render.RenderConfig()
+    config = render.RenderConfig(background_wrap=False)
     outputs = _loss_fns(config, ro, rd)
     rng = np.random.default_rng(0)
     co_rgb = rng.normal(size=(ro.shape[0], 3))
@@ -349,3 +350,45 @@ class KernelVariantsTest(chex.TestCase):
         raw, feats = self.variant(lambda g, p: render.query_field(g, p, AABB))(grid, pts)
         np.testing.assert_allclose(raw, trilinear(grid.density, pts), atol=1e-5)
         np.testing.assert_allclose(feats, trilinear(grid.features, pts), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- background seam
+def test_wrapped_bilinear_matches_periodic_reference():
+    """wrap=True against numpy: rows (v, azimuth) periodic, columns (u, polar) clamped."""
+    texture = np.asarray(jax.random.normal(jax.random.key(8), (5, 3, 2)), np.float64)
+    uv = np.asarray(jax.random.uniform(jax.random.key(9), (64, 2)), np.float64)
+    uv[:4] = [[0.0, 0.0], [1.0, 1.0], [0.5, 0.99], [0.02, 0.01]]
+    height, width = texture.shape[:2]
+    tiled = np.concatenate([texture[-1:], texture, texture[:1]], 0)  # one row of wrap each side
+    tiled = np.concatenate([tiled[:, :1], tiled, tiled[:, -1:]], 1)  # one column of edge
+    want = []
+    for u, v in uv:
+        col = np.clip(u * width - 0.5, 0, width - 1) + 1
+        row = v * height - 0.5 + 1
+        c0, r0 = int(np.floor(col)), int(np.floor(row))
+        fc, fr = col - c0, row - r0
+        want.append(
+            (1 - fr) * ((1 - fc) * tiled[r0, c0] + fc * tiled[r0, c0 + 1])
+            + fr * ((1 - fc) * tiled[r0 + 1, c0] + fc * tiled[r0 + 1, c0 + 1])
+        )
+    got = jax.vmap(lambda p: render.bilinear(jnp.asarray(texture, jnp.float32), p, wrap=True))(
+        jnp.asarray(uv, jnp.float32)
+    )
+    np.testing.assert_allclose(got, np.array(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_constant_background_has_no_seam(wrap):
+    """An empty grid over a constant background renders that constant everywhere with the
+    wrapped lookup; the original's zero padding darkens a row at the azimuth wrap (the seam
+    the turntables showed), which this view crosses."""
+    grid = random_grid(jax.random.key(10), res=(4, 4, 4), channels=3, bg=(16, 16))
+    grid = grid.replace(density=jnp.full_like(grid.density, -1e4), background=jnp.ones((16, 16, 3)))
+    camera = cam.make_camera(np.float32([1.5, 0.3, 0.0]), fov_x_deg=60.0, height=32, width=32)
+    config = render.RenderConfig(background_wrap=wrap)
+    image = np.asarray(jax.jit(render.render_view, static_argnums=2)(grid, camera, config).image)
+    darkest = image.min(axis=(1, 2))  # per row
+    if wrap:
+        np.testing.assert_allclose(image, 1.0, atol=1e-5)
+    else:
+        assert darkest.min() < 0.9  # the seam the wrapped lookup removes

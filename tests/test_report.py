@@ -360,11 +360,17 @@ def _chromium() -> str | None:
     return None
 
 
-def _browse(browser: str, page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+def _browse(
+    browser: str, page: Path, profile: Path, *extra: str, webgl: bool = False
+) -> subprocess.CompletedProcess:
+    # WebGL in a headless browser without a GPU: SwiftShader, Chromium's CPU renderer.
+    graphics = (
+        ["--use-angle=swiftshader", "--enable-unsafe-swiftshader"] if webgl else ["--disable-gpu"]
+    )
     command = [
         browser,
         "--headless",
-        "--disable-gpu",
+        *graphics,
         "--no-sandbox",
         "--no-first-run",
         "--disable-dev-shm-usage",
@@ -420,3 +426,60 @@ def test_reports_render_in_headless_chromium(tmp_path):
     doc = _parse(done.stdout)
     (body,) = [a for t, a in doc.tags if t == "body"]
     assert body.get("data-check") == f"{ascending};{descending}"
+
+
+def _add_mesh(run: Path) -> None:
+    import trimesh
+
+    from sjc_jax.export import save_mesh
+
+    ball = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    rgb = (np.abs(ball.vertices) / 0.6 * 255).astype(np.uint8)
+    colors = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
+    save_mesh(
+        run / "final" / "mesh.ply",
+        trimesh.Trimesh(ball.vertices, ball.faces, vertex_colors=colors, process=False),
+    )
+    info = {"level": 7.9, "rule": "silhouette", "pieces": 1, "faces": len(ball.faces)}
+    (run / "final" / "mesh.json").write_text(json.dumps(info))
+
+
+def test_run_index_shows_the_result_first(tmp_path):
+    run = _make_run(tmp_path / "run")
+    _add_mesh(run)
+    text = report.run_index(run)
+    doc = _check_document(text)
+    order = doc.texts["h2"]
+    assert order[:3] == ["Result", "Evaluation", "Metrics"] and order[-1] == "Config"
+    (details,) = [a for t, a in doc.tags if t == "details"]
+    assert "open" not in details  # the config is folded away
+    (canvas,) = [a for t, a in doc.tags if t == "canvas"]
+    positions = np.frombuffer(base64.b64decode(canvas["data-position"]), np.float32)
+    colors = np.frombuffer(base64.b64decode(canvas["data-color"]), np.uint8)
+    assert positions.size == colors.size == 9 * 1280  # 1280 faces, three corners each, unshared
+    assert np.abs(np.linalg.norm(positions.reshape(-1, 3), axis=1) - 0.6).max() < 1e-5
+    assert dict(map(tuple, doc.tables["mesh"]["body"]))["rule"] == "silhouette"
+    assert "http" not in text.replace("http-equiv", "")  # no network
+
+
+@pytest.mark.slow
+def test_mesh_viewer_draws_in_headless_chromium(tmp_path):
+    """The page's WebGL viewer draws the mesh (non-blank pixels read back by the page itself)
+    with no console error; skipped where no Chromium is installed."""
+    import imageio.v3 as imageio
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no headless Chromium (chromium, chromium-browser or google-chrome) on PATH")
+    run = _make_run(tmp_path / "run")
+    _add_mesh(run)
+    page = report.write_run_index(run)
+    done = _browse(browser, page, tmp_path / "profile", "--dump-dom", webgl=True)
+    errors = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not errors, done.stderr[-4000:]
+    (canvas,) = [a for t, a in _parse(done.stdout).tags if t == "canvas"]
+    assert int(canvas.get("data-drawn", "0")) > 1000, done.stderr[-4000:]
+    shot = tmp_path / "page.png"
+    done = _browse(browser, page, tmp_path / "profile2", f"--screenshot={shot}", webgl=True)
+    assert shot.exists(), done.stderr[-4000:]
+    assert np.asarray(imageio.imread(shot), np.float64).std() > 0

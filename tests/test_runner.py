@@ -66,6 +66,12 @@ def test_end_to_end_artifacts(tiny_sd_eps, tmp_path):
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("score_norm")] == list(range(1, 7))
     assert len(events.Images("preview")) == 3
+    # An SD run has no eval.json: TensorBoard gets the mesh's record, and the config.
+    info = json.loads((final / "mesh.json").read_text())
+    assert [e.value for e in events.Scalars("eval/mesh/faces")] == [info["faces"]]
+    assert (out / "tensorboard" / "hparams").is_dir()
+    for picture in [final / "view.png", *(out / "previews").glob("*.png")]:
+        assert imageio.imread(picture).shape[0] >= 256, picture
 
 
 RESUME_ARGS = dict(steps=40, checkpoint_every=5, video_frames=2, num_previews=2, log_every=1)

@@ -88,3 +88,27 @@ def test_a_failing_writer_thread_stops_events_with_one_warning(tmp_path, capsys)
             writer.scalars(step, {"loss": 1.0})
     writer.close()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_summary_writes_eval_scalars_and_hparams(tmp_path):
+    evaluation = {
+        "psnr": 30.5,
+        "iou": 0.9,
+        "psnr_per_camera": [1.0, 2.0],
+        "mesh": {"chamfer": 0.03, "rule": "silhouette"},
+    }
+    config = {"lr": 0.2, "mesh_threshold": None, "aabb": ((0, 0, 0), (1, 1, 1)), "seed": 3}
+    with TensorBoardWriter(tmp_path / "tb") as writer:
+        writer.summary(600, config, evaluation)
+    events = _read(tmp_path / "tb")
+    assert sorted(events.Tags()["scalars"]) == ["eval/iou", "eval/mesh/chamfer", "eval/psnr"]
+    (chamfer,) = events.Scalars("eval/mesh/chamfer")
+    assert chamfer.step == 600 and abs(chamfer.value - 0.03) < 1e-7
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "hparams")).Reload()
+    content = hparams.PluginTagToContent("hparams")
+    info = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    values = info.session_start_info.hparams
+    assert values["lr"].number_value == 0.2 and values["seed"].number_value == 3
+    assert values["mesh_threshold"].string_value == "None"

@@ -119,7 +119,7 @@ def build_model(config: SJCConfig):
     from sjc_jax.learned.model import load_model, make_denoiser
     from sjc_jax.learned.train import plain_background
     from sjc_jax.models import Model
-    from sjc_jax.testbed.core import evaluate, heldout_targets
+    from sjc_jax.testbed.core import evaluate, evaluate_mesh, heldout_targets, truth_mesh
 
     m = config.model
     model = load_model(resolve(m.model), dtype=m.dtype)
@@ -152,7 +152,11 @@ def build_model(config: SJCConfig):
         )
     else:
         targets = heldout_targets(config, truth[0], truth[1])
-        evaluate_fn = lambda grid: evaluate(grid, targets, config)  # noqa: E731
+        surface = truth_mesh(truth[0], truth[1], config)
+        evaluate_fn = lambda grid: {  # noqa: E731
+            **evaluate(grid, targets, config),
+            **evaluate_mesh(grid, surface, config),
+        }
     return Model(
         denoiser=denoiser,
         background=plain_background(model.background),

@@ -385,13 +385,13 @@ def train(
       steps: with ``resume``, extend the training to this many steps.
       model_out: where the model directory goes (default ``out/model``).
       command: the command line, recorded in the model.
-      progress: show a tqdm bar.
+      progress: show the progress (a tqdm bar on a terminal, plain lines elsewhere).
       stop: a `StopRequest`; when set, the step in flight ends, a checkpoint is written and
         `TrainInterrupted` is raised.
       stop_after: end after this many steps of this call (checkpointed; for tests).
       log: receives progress lines.
     """
-    from tqdm.auto import tqdm
+    from sjc_jax.progress import progress_bar
 
     out = Path(out)
     _check_out(out, resume)
@@ -438,13 +438,7 @@ def train(
     stop = stop if stop is not None else interrupts.StopRequest()
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     schedule = lr_schedule(config)
-    bar = tqdm(
-        total=config.steps,
-        initial=start,
-        disable=not progress,
-        dynamic_ncols=True,
-        desc="train-model",
-    )
+    bar = progress_bar(total=config.steps, initial=start, enabled=progress, desc="train-model")
     pending: list[Array] = []
     t_loop = time.perf_counter()
     step = start

@@ -15,6 +15,7 @@ from sjc_jax.testbed.core import (
     Testbed,
     build_testbed,
     evaluate,
+    evaluate_mesh,
     initial_grid,
     lift,
     load_scene,
@@ -22,6 +23,7 @@ from sjc_jax.testbed.core import (
     psnr,
     silhouette_iou,
     testbed_config,
+    truth_mesh,
     world_background,
 )
 
@@ -33,6 +35,7 @@ __all__ = [
     "Testbed",
     "build_testbed",
     "evaluate",
+    "evaluate_mesh",
     "initial_grid",
     "lift",
     "load_scene",
@@ -40,5 +43,6 @@ __all__ = [
     "psnr",
     "silhouette_iou",
     "testbed_config",
+    "truth_mesh",
     "world_background",
 ]

@@ -43,6 +43,8 @@ from sjc_jax.config import FIELD_SECTIONS, SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.diffusion.schedule import ddpm_sigmas
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
+from sjc_jax.mesh import grid_mesh, mesh_settings
+from sjc_jax.mesh_metrics import compare_meshes
 from sjc_jax.render import RenderConfig
 from sjc_jax.sjc import TrainState, init_state, make_step
 from sjc_jax.testbed import scenes
@@ -424,6 +426,28 @@ def janus_score(images, targets, pairs) -> dict[str, Any] | None:
         "janus_per_camera": scores,
         "janus_reference_mse": float(np.mean(refs)),
     }
+
+
+def truth_mesh(ground_truth: VoxelGrid, aabb, config: SJCConfig):
+    """The true surface: the ground truth meshed by the rule of a lift's mesh (`sjc_jax.mesh`).
+
+    The level is always the rule's (a ``mesh_threshold`` sets the lift's mesh, not the truth).
+    """
+    settings = {**mesh_settings(config), "aabb": np.asarray(aabb, np.float64), "threshold": None}
+    mesh, _ = grid_mesh(ground_truth, feature_space="rgb", **settings)
+    return mesh
+
+
+def evaluate_mesh(grid: VoxelGrid, truth, config: SJCConfig) -> dict:
+    """The lift's mesh (as ``final/`` has it) against the true surface ``truth`` (a trimesh).
+
+    Returns:
+      ``{"mesh": {...}}``: the `sjc_jax.mesh.MeshInfo` fields and, for a non-empty mesh,
+      `sjc_jax.mesh_metrics.compare_meshes`'s ``chamfer``, ``normal_consistency``, ``f_score``
+      (at ``f_score_tau``), ``precision`` and ``recall``.
+    """
+    mesh, info = grid_mesh(grid, feature_space="rgb", **mesh_settings(config))
+    return {"mesh": {**info.to_dict(), **(compare_meshes(mesh, truth) or {})}}
 
 
 def evaluate(grid: VoxelGrid, testbed: Testbed | EvalTargets, config: SJCConfig) -> dict:

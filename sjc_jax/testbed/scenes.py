@@ -19,10 +19,11 @@ Conventions of this module:
   boundary smooth enough to be learned.
 * Features are linear RGB in [0, 1] (C = 3, ``feature_space = "rgb"``). The background texture is
   the testbed world's known background: `BACKGROUND_RGB` (white) in every texel. Its side is
-  `BACKGROUND_RESOLUTION` rather than SJC's 4 because the renderer's bilinear lookup zero-pads the
-  texture border (as the original): a constant 4x4 texture renders visibly darker within 45 deg
-  of the -x direction (the seam of v) and 22 deg of +-z (the poles of u); a 128x128 one only in
-  bands about 1.4 deg wide. A lift should use the scene's texture as it is.
+  `BACKGROUND_RESOLUTION` rather than SJC's 4 because the original's bilinear lookup
+  (``background_wrap=False``) zero-pads the texture border: a constant 4x4 texture renders
+  visibly darker within 45 deg of the -x direction (the seam of v) and 22 deg of +-z (the poles
+  of u); a 128x128 one only in bands about 1.4 deg wide, and none with the default wrapped lookup.
+  A lift should use the scene's texture as it is.
 """
 
 from __future__ import annotations
