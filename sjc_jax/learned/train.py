@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
@@ -40,6 +39,7 @@ import numpy as np
 import optax
 
 from sjc_jax import checkpoint, export, files, interrupts, rundir
+from sjc_jax.learned.data import file_sha256, plain_background
 from sjc_jax.learned.model import (
     VIEW_TOKENS,
     Architecture,
@@ -120,10 +120,6 @@ def scene_names(specs: Sequence[str]) -> list[str]:
     return names
 
 
-def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def scene_records(specs: Sequence[str]) -> list[dict[str, Any]]:
     """``{"name", "source"[, "sha256"]}`` of each scene (what the model dir records)."""
     records = []
@@ -131,18 +127,9 @@ def scene_records(specs: Sequence[str]) -> list[dict[str, Any]]:
         record = {"name": name, "source": str(spec)}
         if str(spec).endswith(".npz"):
             record["source"] = os.path.abspath(spec)
-            record["sha256"] = _sha256(spec)
+            record["sha256"] = file_sha256(spec)
         records.append(record)
     return records
-
-
-def plain_background(rgb: Sequence[float]) -> np.ndarray:
-    """The background texture ``[128, 128, 3]`` of one colour (the scenes' texture size)."""
-    from sjc_jax.testbed.scenes import BACKGROUND_RESOLUTION
-
-    texture = np.empty((BACKGROUND_RESOLUTION, BACKGROUND_RESOLUTION, 3), np.float32)
-    texture[:] = np.asarray(rgb, np.float32)
-    return texture
 
 
 def scene_run_config(image_size: int):
@@ -160,8 +147,7 @@ def render_training_set(
     ``views_per_scene`` renders of each scene at the architecture's image size, cameras from
     ``fold_in(key(seed), scene index)``, over ``config.background``.
     """
-    from sjc_jax.testbed import load_scene
-    from sjc_jax.testbed.core import _scene_render_config
+    from sjc_jax.testbed import load_scene, scene_render_config
     from sjc_jax.testbed.scenes import render_dataset
 
     run_config = scene_run_config(config.architecture.image_size)
@@ -178,7 +164,7 @@ def render_training_set(
             grid,
             num_views=config.views_per_scene,
             image_size=config.architecture.image_size,
-            render_config=_scene_render_config(run_config, aabb),
+            render_config=scene_render_config(run_config, aabb),
             radius=c.radius,
             max_v_deg=c.max_v_deg,
             fov_range_deg=(c.fov_min_deg, c.fov_max_deg),

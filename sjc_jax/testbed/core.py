@@ -181,7 +181,8 @@ class Testbed:
     eval_opacity: Array  # [E, H, W] their opacity
 
 
-def _scene_render_config(config: SJCConfig, aabb) -> RenderConfig:
+def scene_render_config(config: SJCConfig, aabb) -> RenderConfig:
+    """``config``'s renderer over the scene box ``aabb [2, 3]`` (a grid file's own box)."""
     aabb = tuple(tuple(float(v) for v in row) for row in np.asarray(aabb, np.float64))
     return dataclasses.replace(config.render_config(), aabb=aabb)
 
@@ -260,7 +261,7 @@ def build_testbed(
     if background.ndim != 3 or background.shape[-1] != 3 or min(background.shape) < 1:
         raise ValueError(f"background must be [Hb, Wb, 3], got shape {background.shape}")
     ground_truth = ground_truth.replace(background=jnp.asarray(background))
-    render_config = _scene_render_config(config, aabb)
+    render_config = scene_render_config(config, aabb)
     size = _render_size(config)
     c = config.camera
     images, labels, _ = scenes.render_dataset(
@@ -316,7 +317,7 @@ def heldout_targets(config: SJCConfig, ground_truth: VoxelGrid, aabb=None) -> Ev
         overhead_deg=config.camera.overhead_deg,
     )
     eval_images, _, eval_opacity = scenes.render_views(
-        ground_truth, eval_cameras, _scene_render_config(config, aabb), chunk_size=64
+        ground_truth, eval_cameras, scene_render_config(config, aabb), chunk_size=64
     )
     return EvalTargets(
         eval_cameras=eval_cameras,
