@@ -144,7 +144,8 @@ class ScoreConfig:
     """The score-distillation estimator and the noise levels it is asked at."""
 
     estimator: str = _field(
-        "sjc", "score estimator: sjc, sds, nfsd, csd or naive (no perturbation)"
+        "sjc",
+        "score estimator: " + "; ".join(f"{name} ({r.summary})" for name, r in ESTIMATORS.items()),
     )
     guidance_scale: float = _field(
         100.0, "classifier-free guidance scale of sjc, sds, nfsd, naive (1 = conditional only)"
@@ -161,7 +162,9 @@ class ScoreConfig:
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+            raise ValueError(
+                f"estimator must be one of {tuple(ESTIMATORS)}, got {self.estimator!r}"
+            )
         if self.score_scale not in SCALES:
             raise ValueError(f"score_scale must be one of {SCALES}, got {self.score_scale!r}")
         if self.sds_weighting not in WEIGHTINGS:
