@@ -39,3 +39,6 @@ class ModelKind:
     build: Callable[[SJCConfig], Model]
     # flat overrides -> the kind's preset config (None: the original's defaults)
     preset: Callable[..., SJCConfig] | None = None
+    # config -> a floor of the bytes `build` allocates, after refusing (ValueError) what can be
+    # refused without building; asked before anything is built or written (None: 0 bytes)
+    check: Callable[[SJCConfig], float] | None = None

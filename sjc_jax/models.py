@@ -32,6 +32,13 @@ def _build_testbed(config: SJCConfig) -> Model:
     )
 
 
+def _check_testbed(config: SJCConfig) -> float:
+    from sjc_jax import testbed
+
+    testbed.check_scene(config.testbed.scene)
+    return testbed.build_bytes(config)
+
+
 def _testbed_preset(**overrides) -> SJCConfig:
     from sjc_jax.testbed import testbed_config
 
@@ -74,7 +81,13 @@ def _learned_preset(**overrides) -> SJCConfig:
 
 
 _KINDS: list[ModelKind] = [
-    ModelKind("testbed", lambda model: model == "testbed", _build_testbed, _testbed_preset),
+    ModelKind(
+        "testbed",
+        lambda model: model == "testbed",
+        _build_testbed,
+        _testbed_preset,
+        _check_testbed,
+    ),
     ModelKind("learned", _is_learned, _build_learned, _learned_preset),
     ModelKind("stable-diffusion", lambda model: True, _build_stable_diffusion),
 ]
@@ -92,9 +105,15 @@ def kind_of(model: str) -> ModelKind:
     return next(kind for kind in _KINDS if kind.matches(model))
 
 
+def check(config: SJCConfig) -> float:
+    """``config``'s kind's `ModelKind.check`: refuse what needs no build; bytes the build needs."""
+    kind = kind_of(config.model.model)
+    return 0 if kind.check is None else kind.check(config)
+
+
 def build_model(config: SJCConfig) -> Model:
     """The `Model` of ``config.model.model`` through its kind."""
     return kind_of(config.model.model).build(config)
 
 
-__all__ = ["Model", "ModelKind", "build_model", "kind_of", "register"]
+__all__ = ["Model", "ModelKind", "build_model", "check", "kind_of", "register"]

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sjc_jax import checkpoint, files, interrupts, report, rundir, sweep
+from sjc_jax import checkpoint, files, interrupts, report, resources, rundir, sweep
 from sjc_jax.artifacts import Artifacts, write_final
 from sjc_jax.config import SJCConfig
 from sjc_jax.models import build_model
@@ -232,6 +232,8 @@ def run_sweep(
             _check_new(out)
     configs = [c for _, _, c in lifts]
     sweep.varying_fields(configs)  # refuse a batch that cannot share one step, before writing
+    if not resume:  # bad scenes and sizes that cannot fit, before plan.json is written
+        resources.check_before_build(configs)
     _sync("sweep-checked")
     # The first process holds the directory's lock for the sweep, and alone shows progress.
     lock = rundir.RunLock(out) if primary else contextlib.nullcontext()

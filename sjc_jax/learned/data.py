@@ -17,8 +17,11 @@ from sjc_jax.testbed.scenes import BACKGROUND_RESOLUTION
 
 def plain_background(rgb: Sequence[float]) -> np.ndarray:
     """The background texture ``[128, 128, 3]`` of one colour (the scenes' texture size)."""
+    rgb = np.asarray(rgb, np.float32)
+    if rgb.shape != (3,) or not np.all(np.isfinite(rgb)):
+        raise ValueError(f"a plain background is 3 finite numbers (RGB), got {rgb.tolist()}")
     texture = np.empty((BACKGROUND_RESOLUTION, BACKGROUND_RESOLUTION, 3), np.float32)
-    texture[:] = np.asarray(rgb, np.float32)
+    texture[:] = rgb
     return texture
 
 

@@ -295,6 +295,43 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ValueError(f"--out {out} exists and is not empty; give a new directory or --resume")
 
 
+def check_before_training(config: TrainConfig, model_out: str | os.PathLike | None) -> None:
+    """Refuse in one line, before anything is rendered or written, what would fail later.
+
+    A ``model_out`` that exists and is not a model directory (`save_model` would refuse it only
+    after the whole training), and a training set that cannot fit in the host's memory (the
+    renders ``[scenes x views_per_scene, H, W, 3]`` float32 are held on the host and on the
+    device at once).
+
+    Raises:
+      ValueError: one line.
+    """
+    from sjc_jax import resources
+    from sjc_jax.learned.model import is_model_dir
+
+    if model_out is not None:
+        path = Path(model_out).expanduser()
+        if path.exists() and not is_model_dir(path):
+            raise ValueError(
+                f"--model-out {path} exists and is not a model directory; refusing to replace it"
+            )
+    size = config.architecture.image_size
+    needed = 2 * len(config.scenes) * config.views_per_scene * size * size * 3 * 4
+    available = resources.available_bytes(jax.devices()[0])
+    if available is not None and needed > available:
+        raise ValueError(
+            f"the training set needs {needed / 2**30:.1f} GiB ({len(config.scenes)} scenes x "
+            f"{config.views_per_scene} views at {size} x {size}) but "
+            f"{available / 2**30:.1f} GiB is available; lower --views-per-scene"
+        )
+
+
+def _plot_loss(out: Path, history: list[dict[str, Any]]) -> None:
+    """loss.png of the records so far (none yet before the first ``log_every`` steps)."""
+    if history:
+        export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
+
+
 def train(
     config: TrainConfig | None,
     out: str | os.PathLike,
@@ -410,10 +447,10 @@ def train(
                 bar.set_postfix(loss=f"{mean:.4f}")
             if step % config.checkpoint_every == 0 or step == end:
                 save()
-                export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
+                _plot_loss(out, history)
             if stop.requested and step < end:
                 save()
-                export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
+                _plot_loss(out, history)
                 bar.close()
                 raise TrainInterrupted(
                     f"training interrupted at step {step} (checkpointed); continue with: "

@@ -30,6 +30,7 @@ Conventions of this module:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -43,7 +44,7 @@ from sjc_jax.config import FIELD_SECTIONS, SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.diffusion.schedule import ddpm_sigmas
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
-from sjc_jax.render import RenderConfig
+from sjc_jax.render import RenderConfig, sample_budget
 from sjc_jax.sjc import TrainState, init_state, make_step
 from sjc_jax.testbed import scenes
 from sjc_jax.testbed.empirical import make_empirical_denoiser
@@ -159,6 +160,32 @@ def load_scene(spec: str | None) -> tuple[VoxelGrid, np.ndarray, str]:
             f"scene file {spec} has feature_space {space!r}; the testbed needs 'rgb' (C = 3)"
         )
     return grid, aabb, space
+
+
+def build_bytes(config: SJCConfig) -> float:
+    """A floor of the memory `build_testbed` allocates for ``config``, computed without it.
+
+    The labelled image set ``[testbed_views, H, W, 3]`` float32 (on the device and on the host),
+    a 64-camera chunk of its render (a weight and a few values per ray sample), and the held-out
+    renders. Infinite when the renderer's sample count is (a vanishing ``step_ratio``).
+    """
+    size = _render_size(config)
+    views = config.testbed.testbed_views
+    try:
+        budget = sample_budget(config.render_config(), SCENE_RESOLUTION)
+    except (OverflowError, ZeroDivisionError):
+        budget = math.inf
+    images = 2 * views * size * size * 3 * 4
+    chunk = min(64, views) * size * size * budget * 8 * 4
+    heldout = 2 * config.testbed.testbed_eval_views * size * size * 4 * 4
+    return images + chunk + heldout
+
+
+def check_scene(spec: str | None) -> None:
+    """Raise `load_scene`'s ValueError for a bad scene spec; a built-in name is not built."""
+    if spec is None or str(spec) in scenes.list_scenes():
+        return
+    load_scene(spec)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
