@@ -143,25 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_flags(run: argparse.ArgumentParser) -> None:
-    """Every run-config field as a flag of ``run``, by its bare name."""
+    """Every run-config field as a flag of ``run``, by its bare name, in one group per section."""
+    from sjc_jax.config import SECTIONS
+
     preset, default_model = _preset_of_default_model()
+    groups = {}
+    for name, cls in SECTIONS.items():
+        summary = cls.__doc__.splitlines()[0].rstrip(".").replace("`", "")  # plain text
+        groups[cls] = run.add_argument_group(f"{name} ({summary})")
     for cls, field, tp in _config_fields():
         flag = "--" + field.name.replace("_", "-")
         kind, is_bool = _field_parser(tp)
         help_text = f"{field.metadata['help']} {_default_text(field, preset, default_model)}"
-        group = f"{cls.__doc__.splitlines()[0]}"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if is_bool:
-            run.add_argument(
+            groups[cls].add_argument(
                 flag,
                 dest=field.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{help_text} [{group}]",
+                help=help_text,
             )
         else:
-            run.add_argument(
-                flag, dest=field.name, type=kind, default=None, help=f"{help_text} [{group}]"
-            )
+            groups[cls].add_argument(flag, dest=field.name, type=kind, default=None, help=help_text)
 
 
 def _add_sweep_parser(sub) -> None:
