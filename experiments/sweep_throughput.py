@@ -8,7 +8,7 @@ Each N runs in its own process (so its peak memory is its own): N testbed lifts 
 over ``--steps`` steps after the first (compilation), against one lift's `sjc.make_step` timed
 the same way (N separate runs cost N times that, plus a compilation each). Peak memory: the
 device's ``peak_bytes_in_use`` where it reports one (GPU), else the process's peak RSS. Writes
-``throughput.json`` and ``throughput.md`` (the README's table) under ``--out``.
+``throughput.json`` and ``throughput.md`` (the table in docs/sweeps.md) under ``--out``.
 """
 
 from __future__ import annotations

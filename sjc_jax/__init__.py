@@ -3,10 +3,11 @@
 The core, re-exported here: the scene (`VoxelGrid`, `init_grid`), cameras (`Camera`,
 `sample_training_cameras`, `generate_rays`), the renderer (`RenderConfig`, `render_rays`,
 `render_view`, `render_cameras`), the run config (`SJCConfig`) and the step (`TrainState`,
-`init_state`, `make_step`). The research choices a step takes as values live in their modules:
-`sjc_jax.estimators` (SJC, SDS, NFSD, CSD), `sjc_jax.samplers` (cameras, noise levels),
-`sjc_jax.losses` (regularisers), `sjc_jax.optim` (the optimiser). Model loading lives in
-`sjc_jax.diffusion` (imported on demand: it pulls in diffusers and transformers).
+`make_lift`, or its halves `init_state` and `make_step`). The research choices a step takes as
+values live in their modules: `sjc_jax.estimators` (SJC, SDS, NFSD, CSD), `sjc_jax.samplers`
+(cameras, noise levels), `sjc_jax.losses` (regularisers), `sjc_jax.optim` (the optimiser). Model
+loading lives in `sjc_jax.diffusion` (imported on demand: it pulls in diffusers and
+transformers).
 """
 
 import importlib
@@ -30,7 +31,9 @@ _EXPORTS = {
     "render_rays": "sjc_jax.render",
     "render_view": "sjc_jax.render",
     "TrainState": "sjc_jax.sjc",
+    "Lift": "sjc_jax.sjc",
     "init_state": "sjc_jax.sjc",
+    "make_lift": "sjc_jax.sjc",
     "make_step": "sjc_jax.sjc",
 }
 
@@ -56,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Camera",
+    "Lift",
     "RenderConfig",
     "RenderOutput",
     "RenderView",
@@ -67,6 +71,7 @@ __all__ = [
     "init_grid",
     "init_state",
     "make_camera",
+    "make_lift",
     "make_step",
     "render_cameras",
     "render_rays",

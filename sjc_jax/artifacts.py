@@ -26,9 +26,8 @@ from sjc_jax.config import SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
 from sjc_jax.grid_io import save_grid_file
 from sjc_jax.mesh import grid_mesh, mesh_settings
-from sjc_jax.render import render_view
+from sjc_jax.render import render_view, render_views
 from sjc_jax.rundir import FINAL, MESH_INFO
-from sjc_jax.testbed.scenes import render_views
 
 
 def preview_camera(size: int, radius: float) -> Camera:

@@ -157,25 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_flags(run: argparse.ArgumentParser) -> None:
-    """Every run-config field as a flag of ``run``, by its bare name."""
+    """Every run-config field as a flag of ``run``, by its bare name, in one group per section."""
+    from sjc_jax.config import SECTIONS
+
     preset, default_model = _preset_of_default_model()
+    groups = {}
+    for name, cls in SECTIONS.items():
+        summary = cls.__doc__.splitlines()[0].rstrip(".").replace("`", "")  # plain text
+        groups[cls] = run.add_argument_group(f"{name} ({summary})")
     for cls, field, tp in _config_fields():
         flag = "--" + field.name.replace("_", "-")
         kind, is_bool = _field_parser(tp)
         help_text = f"{field.metadata['help']} {_default_text(field, preset, default_model)}"
-        group = f"{cls.__doc__.splitlines()[0]}"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if is_bool:
-            run.add_argument(
+            groups[cls].add_argument(
                 flag,
                 dest=field.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{help_text} [{group}]",
+                help=help_text,
             )
         else:
-            run.add_argument(
-                flag, dest=field.name, type=kind, default=None, help=f"{help_text} [{group}]"
-            )
+            groups[cls].add_argument(flag, dest=field.name, type=kind, default=None, help=help_text)
 
 
 def _add_sweep_parser(sub) -> None:
@@ -218,8 +222,12 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+# The most lifts one sweep takes: they are one batched state, and each gets a run directory.
+MAX_LIFTS = 65536
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``."""
+    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]`` (at most `MAX_LIFTS` seeds)."""
     seeds: list[int] = []
     try:
         for part in text.split(","):
@@ -228,11 +236,15 @@ def parse_seeds(text: str) -> list[int]:
                 low, high = (int(v) for v in part.split("-", 1))
                 if high < low:
                     raise ValueError(part)
+                if len(seeds) + high - low + 1 > MAX_LIFTS:
+                    raise OverflowError
                 seeds.extend(range(low, high + 1))
             elif part:
                 seeds.append(int(part))
     except ValueError:
         raise ValueError(f"--seeds must be numbers and ranges like 0-7,9, got {text!r}") from None
+    except OverflowError:
+        raise ValueError(f"--seeds names more than {MAX_LIFTS} seeds, a sweep's most") from None
     if not seeds:
         raise ValueError(f"--seeds names no seed: {text!r}")
     return seeds
@@ -454,7 +466,14 @@ def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
                 given["architecture"] = dataclasses.replace(
                     learned_train.Architecture(), block_out_channels=channels
                 )
+            seed = given.get("seed", 0)
+            if not 0 <= seed < 2**32:  # jax.random.key keeps a seed's low 32 bits
+                raise ValueError(f"--seed must lie in [0, 2**32), got {seed}")
+            rgb = given.get("background", (1.0, 1.0, 1.0))
+            if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in rgb):
+                raise ValueError(f"--background must be numbers in [0, 1], got {args.background!r}")
             config, out, resume = learned_train.TrainConfig(**given), args.out, False
+            learned_train.check_before_training(config, args.model_out)
         return learned_train.train(
             config,
             out,

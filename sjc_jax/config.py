@@ -17,7 +17,9 @@ friends) pass each factory the scalars it needs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import typing
 from typing import Any
 
 from sjc_jax.diffusion.attention import ATTENTION_KINDS
@@ -155,7 +157,8 @@ class ScoreConfig:
     """The score-distillation estimator and the noise levels it is asked at."""
 
     estimator: str = _field(
-        "sjc", "score estimator: sjc, sds, nfsd, csd or naive (no perturbation)"
+        "sjc",
+        "score estimator: " + "; ".join(f"{name} ({r.summary})" for name, r in ESTIMATORS.items()),
     )
     guidance_scale: float = _field(
         100.0, "classifier-free guidance scale of sjc, sds, nfsd, naive (1 = conditional only)"
@@ -172,7 +175,9 @@ class ScoreConfig:
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+            raise ValueError(
+                f"estimator must be one of {tuple(ESTIMATORS)}, got {self.estimator!r}"
+            )
         if self.score_scale not in SCALES:
             raise ValueError(f"score_scale must be one of {SCALES}, got {self.score_scale!r}")
         if self.sds_weighting not in WEIGHTINGS:
@@ -186,9 +191,9 @@ class ScoreConfig:
         _check_positive_ints(self, ("noise_samples",))
         _check_finite(self, ("guidance_scale", "csd_negative_weight"), low=0.0)
         for name in ("t_min", "t_max", "nfsd_switch_timestep"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            value = getattr(self, name)  # an index into the model's noise table (int32)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+                raise ValueError(f"{name} must be an integer in [0, 2**31), got {value!r}")
         if not self.t_min <= self.t_max:
             raise ValueError(f"need t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
 
@@ -302,6 +307,48 @@ FIELD_SECTIONS: dict[str, str] = {
 }
 
 
+def _field_types() -> dict[str, Any]:
+    return {
+        name: hint
+        for cls in SECTIONS.values()
+        for name, hint in typing.get_type_hints(cls).items()
+        if name in FIELD_SECTIONS
+    }
+
+
+def _check_type(name: str, value: Any) -> None:
+    """Refuse a value of the wrong JSON type for field ``name`` (a config file is hand-edited)."""
+    hint = _field_types()[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if value is None and optional:
+        return
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        expected = kind.get(base, base.__name__) + (" or null" if optional else "")
+        raise ValueError(
+            f"config field {name!r} ({FIELD_SECTIONS[name]}) must be {expected}, got "
+            f"{json.dumps(value) if _jsonable(value) else repr(value)}"
+        )
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class SJCConfig:
     """Every setting of a run, by section; the defaults reproduce the original SJC."""
@@ -372,6 +419,11 @@ class SJCConfig:
                     raise ValueError(f"unknown fields {bad} in config section {section!r}")
                 flat.update(fields)
             values = flat
+        unknown = sorted(set(values) - set(FIELD_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        for name, value in values.items():
+            _check_type(name, value)
         return cls().replace(**values)
 
     def render_config(self) -> RenderConfig:

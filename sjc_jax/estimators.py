@@ -27,12 +27,17 @@ Stateful estimators (e.g. VSD's LoRA, trained alongside the grid) are `StatefulE
 values: ``init(key, denoiser, params) -> state`` and ``update(key, denoiser, params, images,
 sigma, labels, state) -> (cotangent, metrics, state)``; the state lives in ``TrainState`` and is
 checkpointed with it. A plain estimator is the stateless special case (`as_stateful`).
+
+`ESTIMATORS` (at the end) is the one table of the estimators a config can name: name -> factory
+and the `sjc_jax.config.ScoreConfig` fields its keywords read. ``ScoreConfig`` validation, the
+command line's help and `sjc_jax.sjc.estimator_from_config` all read it, so adding an estimator
+is one entry there (plus a ``ScoreConfig`` field for a hyper-parameter no estimator had before).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -52,7 +57,6 @@ Metrics = dict[str, Array]
 Estimator = Callable[[Array, Denoiser, Any, Array, Array, Array], tuple[Array, Metrics]]
 
 SCALES = ("sigma", "sigma2")
-ESTIMATORS = ("sjc", "sds", "nfsd", "csd", "naive")
 
 
 class StatefulEstimator(NamedTuple):
@@ -300,3 +304,53 @@ def csd(*, weighting_name: str = "sds", negative_weight: float = 0.0) -> Estimat
         return per_image(w(sigma)) * grad, {}
 
     return estimate
+
+
+# --- the estimators a config can name -----------------------------------------------------------
+
+
+class Registered(NamedTuple):
+    """An estimator ``ScoreConfig.estimator`` can name."""
+
+    factory: Callable[..., Estimator | StatefulEstimator]
+    # factory keyword -> the `sjc_jax.config.ScoreConfig` field it is given
+    fields: Mapping[str, str]
+    summary: str  # a few words for the command line's help
+
+
+ESTIMATORS: dict[str, Registered] = {
+    "sjc": Registered(
+        sjc,
+        {
+            "guidance_scale": "guidance_scale",
+            "var_red": "var_red",
+            "noise_samples": "noise_samples",
+            "scale": "score_scale",
+        },
+        "SJC's PAAS, the original",
+    ),
+    "sds": Registered(
+        sds,
+        {
+            "guidance_scale": "guidance_scale",
+            "weighting_name": "sds_weighting",
+            "noise_samples": "noise_samples",
+        },
+        "score distillation sampling",
+    ),
+    "nfsd": Registered(
+        nfsd,
+        {
+            "guidance_scale": "guidance_scale",
+            "switch_timestep": "nfsd_switch_timestep",
+            "weighting_name": "sds_weighting",
+        },
+        "noise-free score distillation",
+    ),
+    "csd": Registered(
+        csd,
+        {"weighting_name": "sds_weighting", "negative_weight": "csd_negative_weight"},
+        "classifier score distillation",
+    ),
+    "naive": Registered(naive, {"guidance_scale": "guidance_scale"}, "no perturbation"),
+}

@@ -96,6 +96,39 @@ def save_grid_file(path, grid: VoxelGrid, *, aabb=DEFAULT_AABB, feature_space: s
             np.savez(f, **arrays)
 
 
+def _check_array_sizes(path: str) -> None:
+    """Refuse an archive whose array headers claim more bytes than its members hold.
+
+    Read from each ``.npy`` member's header alone, before any array is allocated: a few MB file
+    claiming a 40000^3 array would otherwise be allocated in full and then fail to fill.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    header = {
+                        (1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0,
+                    }.get(version)
+                    if header is None:  # numpy's loader names the unsupported version
+                        continue
+                    shape, _, dtype = header(member)
+                    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    if claimed > info.file_size:
+                        key = info.filename.removesuffix(".npy")
+                        raise ValueError(
+                            f"grid file {path}: {key} claims shape {tuple(shape)} "
+                            f"({claimed} bytes) but its member holds {info.file_size} bytes"
+                        )
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"grid file {path}: cannot be read as .npz ({e})") from e
+    except ValueError as e:
+        if str(e).startswith(f"grid file {path}:"):
+            raise
+        raise ValueError(f"grid file {path}: cannot be read as .npz ({e})") from e
+
+
 def load_grid_file(path) -> tuple[VoxelGrid, np.ndarray, str]:
     """Read and validate a grid file.
 
@@ -111,6 +144,9 @@ def load_grid_file(path) -> tuple[VoxelGrid, np.ndarray, str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"grid file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"grid file {path}: not an .npz archive")
+    _check_array_sizes(path)
     try:
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.lib.npyio.NpzFile):

@@ -6,43 +6,14 @@ optionally its preset (the config a run starts from when the user gives only fla
 known-answer model: ``--model learned`` for the committed one, or a directory holding its
 marker file, `sjc_jax.learned.model`) and ``stable-diffusion`` (any other value: a hub id or a
 local diffusers directory). `register` adds a kind in front of them, e.g.
-a learned model recognised by a marker file in its directory.
+a learned model recognised by a marker file in its directory. The types `Model` and `ModelKind`
+live in `sjc_jax.model_kind` (re-exported here), below the kinds that build them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from typing import Any
-
-import numpy as np
-
 from sjc_jax.config import SJCConfig
-from sjc_jax.diffusion.denoiser import Denoiser
-from sjc_jax.grid import VoxelGrid
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Model:
-    """What a run needs from its model kind."""
-
-    denoiser: Denoiser
-    # [Hb, Wb, C] a known background the lift starts from (a host array: the run's state is
-    # donated to the step, so a device array shared with it would be deleted); None = random.
-    background: np.ndarray | None = None
-    # grid -> a JSON-serialisable evaluation (final/eval.json); None = no evaluation.
-    evaluate: Callable[[VoxelGrid], dict[str, Any]] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelKind:
-    """A kind of model: which ``--model`` values it serves and how to build it."""
-
-    name: str
-    matches: Callable[[str], bool]
-    build: Callable[[SJCConfig], Model]
-    # flat overrides -> the kind's preset config (None: the original's defaults)
-    preset: Callable[..., SJCConfig] | None = None
+from sjc_jax.model_kind import Model, ModelKind
 
 
 def _build_testbed(config: SJCConfig) -> Model:
@@ -63,6 +34,13 @@ def _build_testbed(config: SJCConfig) -> Model:
             **testbed.evaluate_mesh(grid, truth, config),
         },
     )
+
+
+def _check_testbed(config: SJCConfig) -> float:
+    from sjc_jax import testbed
+
+    testbed.check_scene(config.testbed.scene)
+    return testbed.build_bytes(config)
 
 
 def _testbed_preset(**overrides) -> SJCConfig:
@@ -107,7 +85,13 @@ def _learned_preset(**overrides) -> SJCConfig:
 
 
 _KINDS: list[ModelKind] = [
-    ModelKind("testbed", lambda model: model == "testbed", _build_testbed, _testbed_preset),
+    ModelKind(
+        "testbed",
+        lambda model: model == "testbed",
+        _build_testbed,
+        _testbed_preset,
+        _check_testbed,
+    ),
     ModelKind("learned", _is_learned, _build_learned, _learned_preset),
     ModelKind("stable-diffusion", lambda model: True, _build_stable_diffusion),
 ]
@@ -125,6 +109,15 @@ def kind_of(model: str) -> ModelKind:
     return next(kind for kind in _KINDS if kind.matches(model))
 
 
+def check(config: SJCConfig) -> float:
+    """``config``'s kind's `ModelKind.check`: refuse what needs no build; bytes the build needs."""
+    kind = kind_of(config.model.model)
+    return 0 if kind.check is None else kind.check(config)
+
+
 def build_model(config: SJCConfig) -> Model:
     """The `Model` of ``config.model.model`` through its kind."""
     return kind_of(config.model.model).build(config)
+
+
+__all__ = ["Model", "ModelKind", "build_model", "check", "kind_of", "register"]

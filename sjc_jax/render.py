@@ -460,3 +460,42 @@ def render_cameras(
         out.opacity.reshape(shape),
         k,
     )
+
+
+# --- many cameras, a chunk at a time (previews, videos, datasets, evaluation) ---------------
+
+
+def _render_batch_impl(grid: VoxelGrid, cameras: Camera, config: RenderConfig):
+    views = render_cameras(grid, cameras, config)
+    return views.images, views.depth, views.opacity
+
+
+# One compiled program per (shapes, config); the grid is an argument, never a constant.
+_render_batch = jax.jit(_render_batch_impl, static_argnames="config")
+
+
+def render_views(
+    grid: VoxelGrid, cameras: Camera, config: RenderConfig, *, chunk_size: int = 8
+) -> tuple[Array, Array, Array]:
+    """Render a batch of cameras, ``chunk_size`` at a time (the last chunk padded, then trimmed).
+
+    Args:
+      grid: the scene.
+      cameras: batched `Camera` ``[N]``.
+      config: renderer settings.
+      chunk_size: cameras rendered together (bounds memory: each holds ``[H * W, S]`` weights).
+
+    Returns:
+      images ``[N, H, W, C]``, depth ``[N, H, W]``, opacity ``[N, H, W]`` (float32).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    num = cameras.eye.shape[0]
+    chunk = min(chunk_size, num)
+    outputs = []
+    for start in range(0, num, chunk):
+        index = np.arange(start, start + chunk).clip(max=num - 1)
+        batch = jax.tree_util.tree_map(lambda a, index=index: a[index], cameras)
+        out = _render_batch(grid, batch, config)
+        outputs.append([o[: num - start] for o in out])
+    return tuple(jnp.concatenate(parts) for parts in zip(*outputs, strict=True))

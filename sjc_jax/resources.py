@@ -17,6 +17,8 @@ no check.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,16 @@ import jax
 import numpy as np
 
 from sjc_jax.config import SJCConfig
+from sjc_jax.estimators import ESTIMATORS
 from sjc_jax.render import sample_budget
 
 # Bytes of step temporaries per ray sample and per (1 + C) field values (fitted, see above).
 _BYTES_PER_SAMPLE_VALUE = 100
 # Gradient and update of the grid inside the step.
 _GRID_COPIES_IN_STEP = 2
+# Image-sized arrays per noise draw inside the estimator: z, the noise and the denoised image,
+# for both halves of classifier-free guidance.
+_NOISE_COPIES = 6
 
 
 def tree_bytes(tree: Any) -> int:
@@ -51,11 +57,14 @@ class MemoryEstimate:
     """Bytes a run needs on one device."""
 
     state: int  # the train state: grid, optimiser moments, key, estimator state
-    step: int  # one step's temporaries: grid gradient and update, render residuals
+    step: int | float  # one step's temporaries: grid gradient and update, render residuals,
+    # the estimator's noisy copies (inf: a sample count past any integer, e.g. a tiny step_ratio)
+    build: int | float = 0  # what the model kind allocates to build the model (the testbed's
+    # image set), when asked before it is built
 
     @property
-    def total(self) -> int:
-        return self.state + self.step
+    def total(self) -> int | float:
+        return self.state + self.step + self.build
 
 
 def estimate(
@@ -75,8 +84,15 @@ def estimate(
     resolution = config.render.grid_resolution
     grid = resolution**3 * (1 + channels) * 4
     views = -(-config.run.views_per_step // devices)
-    samples = views * image_size**2 * sample_budget(config.render_config(), resolution)
+    try:
+        budget = sample_budget(config.render_config(), resolution)
+    except (OverflowError, ZeroDivisionError):  # a step_ratio so small the count is not finite
+        budget = math.inf
+    samples = views * image_size**2 * budget
     step = _GRID_COPIES_IN_STEP * grid + _BYTES_PER_SAMPLE_VALUE * (1 + channels) * samples
+    score = config.score
+    if "noise_samples" in ESTIMATORS[score.estimator].fields.values():
+        step += _NOISE_COPIES * score.noise_samples * views * image_size**2 * channels * 4
     return MemoryEstimate(state=tree_bytes(state_shapes), step=step)
 
 
@@ -127,7 +143,11 @@ def available_bytes(device: jax.Device | None = None) -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def _gib(n: int) -> str:
+def _gib(n: int | float) -> str:
+    if not math.isfinite(n):
+        return "more than any memory"
+    if n >= 2**50:
+        return f"{n / 2**40:.3g} TiB"
     return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
@@ -140,12 +160,57 @@ def check_fits(
     """
     if available is None or needed.total <= available:
         return
+    build = f", {_gib(needed.build)} to build the model" if needed.build else ""
     raise ValueError(
         f"the run needs at least {_gib(needed.total)} on the {where} ({_gib(needed.state)} of "
         f"grid and optimiser state at --grid-resolution {resolution}, {_gib(needed.step)} for "
-        f"one step) but {_gib(available)} is available; lower --grid-resolution, "
-        "--image-size or --views-per-step"
+        f"one step{build}) but {_gib(available)} is available; lower --grid-resolution, "
+        "--image-size, --views-per-step, --noise-samples, or raise --step-ratio"
+        + (" or lower --testbed-views" if needed.build else "")
     )
 
 
-__all__ = ["MemoryEstimate", "available_bytes", "check_fits", "estimate", "tree_bytes"]
+def where(device: jax.Device) -> str:
+    """How `check_fits` names ``device``'s memory."""
+    return f"{device.platform} device" if device.platform != "cpu" else "host"
+
+
+def check_before_build(configs: Sequence[SJCConfig]) -> None:
+    """Refuse in one line, before any model is built or anything written, what cannot fit.
+
+    The lifts of ``configs`` (one for a run; a sweep's, all held at once) at the floors known
+    before the model exists: 3 feature channels, the config's image size (8 if the model's),
+    and each model kind's own `ModelKind.check` (which also refuses a bad scene). `check_fits`
+    repeats the check with the model's sizes once it is built.
+
+    Raises:
+      ValueError: one line naming the flags to lower, or the kind's refusal.
+    """
+    from sjc_jax import models
+    from sjc_jax.sjc import init_state
+
+    build = sum(models.check(config) for config in configs)
+    first = configs[0]
+    shapes = jax.eval_shape(lambda: init_state(first, 3))
+    one = estimate(first, shapes, channels=3, image_size=first.render.image_size or 8)
+    needed = MemoryEstimate(
+        state=len(configs) * one.state, step=len(configs) * one.step, build=build
+    )
+    device = jax.devices()[0]
+    check_fits(
+        needed,
+        available=available_bytes(device),
+        resolution=first.render.grid_resolution,
+        where=where(device),
+    )
+
+
+__all__ = [
+    "MemoryEstimate",
+    "available_bytes",
+    "check_before_build",
+    "check_fits",
+    "estimate",
+    "tree_bytes",
+    "where",
+]

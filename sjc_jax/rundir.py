@@ -75,6 +75,11 @@ def is_run_config(path: str | os.PathLike) -> bool:
 
 def _check_writable(path: Path, what: str) -> None:
     """``path`` (existing or to be created) can be written, judged without creating anything."""
+    for part in path.parts:  # a name the file system cannot hold is bad input, not a fault
+        if len(os.fsencode(part)) > 255:
+            raise RunError(
+                f"cannot write to {what} {_show(path)}: a name in it is longer than 255 bytes"
+            )
     probe = path
     while not probe.exists():
         if probe.is_symlink():  # a dangling link
@@ -289,7 +294,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        reason = f"{err.reason} at byte {err.start}"
+        raise RunError(f"{_show(path)} is not UTF-8 text ({reason})") from None
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:

@@ -65,7 +65,7 @@ from sjc_jax.models import Model, build_model
 from sjc_jax.progress import progress_bar
 from sjc_jax.prompts import short_prompt
 from sjc_jax.rundir import RunError
-from sjc_jax.sjc import TrainState, init_state, make_step, views_mesh
+from sjc_jax.sjc import TrainState, init_state, make_step, step_function, views_mesh
 from sjc_jax.tensorboard import TensorBoardWriter
 
 
@@ -257,8 +257,28 @@ def _check_memory(config: SJCConfig, model: Model, size: int, state_kwargs: dict
         needed,
         available=resources.available_bytes(device),
         resolution=config.render.grid_resolution,
-        where=f"{device.platform} device" if device.platform != "cpu" else "host",
+        where=resources.where(device),
     )
+
+
+def _check_step(config: SJCConfig, model: Model, state_kwargs: dict, choices: dict, mesh) -> None:
+    """Trace the run's step abstractly (`jax.eval_shape`, nothing computed or compiled).
+
+    What only tracing finds (a timestep past the model's table, a condition the model cannot
+    take) is refused here, before the run directory exists, rather than at the first step.
+    """
+    denoiser = model.denoiser
+    try:
+        step = step_function(config, denoiser, mesh=mesh, **choices)
+        state = jax.eval_shape(
+            lambda: init_state(
+                config, denoiser.channels, background=model.background, **state_kwargs
+            )
+        )
+        jax.eval_shape(step, state, denoiser.params)
+    except (TypeError, OverflowError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the step cannot be built for this config: {first}") from None
 
 
 def _interrupted_before(out: Path, resume: bool) -> str:
@@ -357,13 +377,23 @@ def run(
         try:
             with stop.immediately():
                 config, write_config = _planned_config(config, out, resume=resume, steps=steps)
-                model = build_model(config) if model is None else model
+                if model is None:
+                    resources.check_before_build([config])
+                    model = build_model(config)
                 size = config.render.image_size or model.denoiser.resolution
                 state_kwargs = dict(
                     optimizer=optimizer, estimator=estimator, denoiser=model.denoiser
                 )
+                choices = dict(
+                    estimator=estimator,
+                    camera_sampler=camera_sampler,
+                    sigma_sampler=sigma_sampler,
+                    regularizers=regularizers,
+                    optimizer=optimizer,
+                )
                 mesh = _mesh_for(config)
                 _check_memory(config, model, size, state_kwargs, mesh)
+                _check_step(config, model, state_kwargs, choices, mesh)
         except KeyboardInterrupt:
             raise Interrupted(_interrupted_before(out, resume)) from None
         if stop.requested:  # raised inside the block and swallowed by a library
@@ -385,13 +415,7 @@ def run(
                     size=size,
                     mesh=mesh,
                     state_kwargs=state_kwargs,
-                    make_step_kwargs=dict(
-                        estimator=estimator,
-                        camera_sampler=camera_sampler,
-                        sigma_sampler=sigma_sampler,
-                        regularizers=regularizers,
-                        optimizer=optimizer,
-                    ),
+                    make_step_kwargs=choices,
                     progress=progress,
                     stop_after=stop_after,
                     stop=stop,

@@ -6,17 +6,18 @@ regularisers' mean as a scalar) -> image-space cotangent from the estimator (the
 never differentiated) -> pull ``(cotangent, 1)`` back through the renderer's VJP -> optax update.
 
 `make_step(config, denoiser, *, estimator=..., camera_sampler=..., sigma_sampler=...,
-regularizers=..., optimizer=..., mesh=...)` takes any of them as values; each one left out is
-built from the config by the ``*_from_config`` functions below (SJC's choices by default), which
-pass every factory only the scalars it needs. The step is built once per run; sigma, the loss
-weights and the step count are traced, so nothing recompiles.
+regularizers=..., optimizer=..., mesh=...)` takes any of them as values (`make_lift` makes the
+step together with its `init_state`, so both get the same optimiser and estimator); each one
+left out is built from the config by the ``*_from_config`` functions below (SJC's choices by
+default), which pass every factory only the scalars it needs. The step is built once per run;
+sigma, the loss weights and the step count are traced, so nothing recompiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,34 +60,17 @@ def estimator_from_config(
 ) -> estimators.Estimator:
     """The config's estimator (``config.score``), built with the scalars it needs.
 
+    The factory and the fields its keywords read come from `sjc_jax.estimators.ESTIMATORS`.
+
     ``scalars`` (here and in the other ``*_from_config``) overrides fields by name with values
     that may be traced (`sjc_jax.sweep` passes each lift's own); the config was validated with
     its concrete values first.
     """
     s = config.score
-    guidance_scale = _value(s, "guidance_scale", scalars)
-    if s.estimator == "sjc":
-        return estimators.sjc(
-            guidance_scale=guidance_scale,
-            var_red=s.var_red,
-            noise_samples=s.noise_samples,
-            scale=s.score_scale,
-        )
-    if s.estimator == "sds":
-        return estimators.sds(
-            guidance_scale=guidance_scale,
-            weighting_name=s.sds_weighting,
-            noise_samples=s.noise_samples,
-        )
-    if s.estimator == "nfsd":
-        return estimators.nfsd(
-            guidance_scale=guidance_scale,
-            switch_timestep=s.nfsd_switch_timestep,
-            weighting_name=s.sds_weighting,
-        )
-    if s.estimator == "naive":
-        return estimators.naive(guidance_scale=guidance_scale)
-    return estimators.csd(weighting_name=s.sds_weighting, negative_weight=s.csd_negative_weight)
+    registered = estimators.ESTIMATORS[s.estimator]
+    return registered.factory(
+        **{keyword: _value(s, name, scalars) for keyword, name in registered.fields.items()}
+    )
 
 
 def sigma_sampler_from_config(
@@ -200,6 +184,59 @@ def init_state(
         key=jax.random.key_data(key_run),
         estimator_state=estimator_state,
     )
+
+
+class Lift(NamedTuple):
+    """A lift's ``init`` and ``step``, made together from the same research choices.
+
+    ``init(background=None) -> TrainState`` (`init_state`'s, with the lift's optimiser and
+    estimator state) and ``step(state, params) -> (state, metrics)`` (`make_step`'s): the optax
+    ``init`` / ``update`` pairing, so a state and a step cannot disagree on the optimiser or a
+    stateful estimator.
+    """
+
+    init: Callable[..., TrainState]
+    step: Step
+
+
+def make_lift(
+    config: SJCConfig,
+    denoiser: Denoiser,
+    *,
+    estimator: estimators.Estimator | estimators.StatefulEstimator | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    **choices: Any,
+) -> Lift:
+    """``(init, step)`` of a lift: one estimator and one optimiser serve both.
+
+    Args:
+      config, denoiser: as `make_step`.
+      estimator, optimizer: research choices as values (default: built from ``config``), given
+        to both halves.
+      choices: the step's other choices (``camera_sampler``, ``sigma_sampler``, ``regularizers``,
+        ``mesh``; `step_function`).
+
+    Example::
+
+        init, step = sjc.make_lift(config, denoiser, estimator=estimators.sds())
+        state = init()
+        state, metrics = step(state, denoiser.params)
+    """
+    estimator = estimator_from_config(config) if estimator is None else estimator
+    optimizer = optimizer_from_config(config) if optimizer is None else optimizer
+
+    def init(background: Array | None = None) -> TrainState:
+        return init_state(
+            config,
+            denoiser.channels,
+            background=background,
+            optimizer=optimizer,
+            estimator=estimator,
+            denoiser=denoiser,
+        )
+
+    step = make_step(config, denoiser, estimator=estimator, optimizer=optimizer, **choices)
+    return Lift(init, step)
 
 
 def _view_spec(mesh: jax.sharding.Mesh | None, batch: int):

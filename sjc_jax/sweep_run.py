@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sjc_jax import checkpoint, files, interrupts, report, rundir, sweep
+from sjc_jax import checkpoint, files, interrupts, report, resources, rundir, sweep
 from sjc_jax.artifacts import Artifacts, write_final
 from sjc_jax.config import SJCConfig
 from sjc_jax.models import build_model
@@ -206,8 +206,14 @@ def run_sweep(
     stop: interrupts.StopRequest | None = None,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    **choices: Any,
 ) -> dict[str, Any]:
     """Run the lifts as one batched run in ``out`` (or continue it with ``resume``).
+
+    ``choices`` are research choices as values (``estimator``, ``camera_sampler``,
+    ``sigma_sampler``, ``regularizers``, ``optimizer``), shared by every lift, as `runner.run`
+    takes them (`sjc_jax.sweep.make_batched_step`); left out, each lift's are built from its
+    config. A resumed sweep must be given the same values.
 
     On several processes (`jax.distributed.initialize` called first) every process runs this
     with the same arguments: each writes the run directories of the lifts on its devices, the
@@ -233,15 +239,20 @@ def run_sweep(
             _check_new(out)
     configs = [c for _, _, c in lifts]
     sweep.varying_fields(configs)  # refuse a batch that cannot share one step, before writing
+    if not resume:  # bad scenes and sizes that cannot fit, before plan.json is written
+        resources.check_before_build(configs)
     _sync("sweep-checked")
     # The first process holds the directory's lock for the sweep, and alone shows progress.
     lock = rundir.RunLock(out) if primary else contextlib.nullcontext()
     with lock:
         return _run_locked(lifts, out, resume=resume, progress=progress and primary, stop=stop,
-                           log=log if primary else None, stop_after=stop_after)  # fmt: skip
+                           log=log if primary else None, stop_after=stop_after,
+                           choices=choices)  # fmt: skip
 
 
-def _run_locked(lifts, out: Path, *, resume, progress, stop, log, stop_after) -> dict[str, Any]:
+def _run_locked(
+    lifts, out: Path, *, resume, progress, stop, log, stop_after, choices
+) -> dict[str, Any]:
     names = [n for n, _, _ in lifts]
     configs = [c for _, _, c in lifts]
     base = sweep.base_config(configs)
@@ -269,10 +280,15 @@ def _run_locked(lifts, out: Path, *, resume, progress, stop, log, stop_after) ->
             raise ValueError("the lifts of a sweep need one model (same channels and resolution)")
     params, axes = sweep.stack([m.denoiser.params for m in built])
     state = sweep.init_batched_state(
-        configs, denoiser.channels, backgrounds=[m.background for m in built]
+        configs,
+        denoiser.channels,
+        backgrounds=[m.background for m in built],
+        estimator=choices.get("estimator"),
+        optimizer=choices.get("optimizer"),
+        denoiser=denoiser,
     )
     mesh = sweep.sweep_mesh(len(configs), base.run.views_per_step)
-    step_fn = sweep.make_batched_step(configs, denoiser, axes, mesh=mesh)
+    step_fn = sweep.make_batched_step(configs, denoiser, axes, mesh=mesh, **choices)
     state, params = _place(mesh, state, params, axes)
     mine = sorted(_local_lifts(state.step, len(configs)))  # the lifts on this process
     dirs = {i: out / names[i] for i in mine}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sjc_jax import cli
+from sjc_jax import cli, estimators
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,8 @@ def test_help_says_what_each_flag_is(capsys):
     text = capsys.readouterr().out
     for flag in ("--estimator", "--sds-weighting", "--sigma-schedule", "--lr", "--config"):
         assert flag in text
-    assert "score estimator: sjc, sds, nfsd, csd or naive" in " ".join(text.split())
+    names = "; ".join(f"{n} ({r.summary})" for n, r in estimators.ESTIMATORS.items())
+    assert f"score estimator: {names}" in " ".join(text.split())
 
 
 @pytest.mark.parametrize(

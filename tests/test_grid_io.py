@@ -88,7 +88,7 @@ def test_bad_grid_files_give_clear_errors(grids, tmp_path, change, match):
 def test_unreadable_files(tmp_path):
     text = tmp_path / "notes.npz"
     text.write_text("not a zip file")
-    with pytest.raises(ValueError, match="cannot be read") as info:
+    with pytest.raises(ValueError, match="not an .npz archive") as info:
         grid_io.load_grid_file(text)
     assert str(text) in str(info.value)
     single = tmp_path / "single.npy"

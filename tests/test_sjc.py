@@ -315,3 +315,71 @@ def test_data_parallel_step_matches_one_device():
 
         mesh = Mesh(np.array(jax.devices() * 3)[:3].reshape(3), ("views",))
         sjc.make_step(small_config(views_per_step=2), toy_denoiser(), mesh=mesh)
+
+
+def test_every_registered_estimator_reads_score_config_fields_its_factory_takes():
+    import dataclasses
+    import inspect
+
+    from sjc_jax.config import ScoreConfig
+
+    fields = {f.name for f in dataclasses.fields(ScoreConfig)}
+    for name, registered in estimators.ESTIMATORS.items():
+        params = inspect.signature(registered.factory).parameters
+        assert set(registered.fields) <= set(params), name
+        assert set(registered.fields.values()) <= fields, name
+        built = sjc.estimator_from_config(small_config(estimator=name))
+        assert callable(built) or isinstance(built, estimators.StatefulEstimator)
+
+
+def test_an_estimator_added_to_the_table_is_valid_everywhere(monkeypatch):
+    """One entry in `estimators.ESTIMATORS`: the config accepts the name, the builder calls its
+    factory with the fields it names, the command line lists it."""
+    from sjc_jax.config import ScoreConfig
+
+    seen = {}
+
+    def halved(*, guidance_scale, scale):
+        seen.update(guidance_scale=guidance_scale, scale=scale)
+        base = estimators.sjc(guidance_scale=guidance_scale)
+        return lambda *args: (0.5 * base(*args)[0], {})
+
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        ScoreConfig(estimator="halved")
+    monkeypatch.setitem(
+        estimators.ESTIMATORS,
+        "halved",
+        estimators.Registered(
+            halved, {"guidance_scale": "guidance_scale", "scale": "score_scale"}, "half of sjc"
+        ),
+    )
+    config = small_config(estimator="halved", guidance_scale=3.0, score_scale="sigma2")
+    state, metrics = sjc.make_step(config, toy_denoiser())(sjc.init_state(config, 3), {"a": 0.5})
+    assert seen == {"guidance_scale": 3.0, "scale": "sigma2"} and bool(metrics["finite"])
+
+
+def test_make_lift_is_init_state_and_make_step_with_shared_choices():
+    config, den = small_config(), toy_denoiser()
+    init, step = sjc.make_lift(config, den)
+    a, metrics_a = step(init(), den.params)
+    b, metrics_b = sjc.make_step(config, den)(sjc.init_state(config, 3), den.params)
+    chex.assert_trees_all_equal(a, b)
+    chex.assert_trees_all_equal(metrics_a, metrics_b)
+
+    # A stateful estimator given once reaches both halves (init_state without it would leave
+    # the state empty and the step would fail on it).
+    base = sjc.estimator_from_config(config)
+
+    def update(key, denoiser, params, images, sigma, labels, state):
+        cot, _ = base(key, denoiser, params, images, sigma, labels)
+        return cot, {}, {"count": state["count"] + 1}
+
+    est = estimators.StatefulEstimator(
+        init=lambda key, den, params: {"count": jnp.int32(0)}, update=update
+    )
+    init, step = sjc.make_lift(config, den, estimator=est, optimizer=optax.sgd(0.1))
+    state = init(background=np.full((4, 4, 3), 0.5, np.float32))
+    np.testing.assert_array_equal(state.grid.background, 0.5)
+    assert isinstance(state.opt_state[0], optax.EmptyState)  # sgd's, not the config's Adamax
+    state, _ = step(state, den.params)
+    assert int(state.estimator_state["count"]) == 1

@@ -279,3 +279,24 @@ def test_a_sweep_of_prompts_with_a_diffusers_model_equals_separate_runs(tiny_sd_
     first, _, _ = load_grid_file(tmp_path / "sweep" / lifts[0][0] / "final" / "grid.npz")
     second, _, _ = load_grid_file(tmp_path / "sweep" / lifts[1][0] / "final" / "grid.npz")
     assert _max_diff(first, second) > 30 * ROUND_OFF  # the prompts differ, so do the lifts
+
+
+def test_a_sweep_takes_research_choices_as_values(tmp_path):
+    """``run_sweep(..., estimator=...)`` as ``runner.run`` takes it: every lift steps with it."""
+    from sjc_jax import estimators
+
+    sds = estimators.sds(guidance_scale=1.0, weighting_name="uniform")
+
+    def tagged(key, denoiser, params, images, sigma, labels):
+        cotangent, metrics = sds(key, denoiser, params, images, sigma, labels)
+        return cotangent, {**metrics, "tagged": jax.numpy.float32(7.0)}
+
+    base = testbed.testbed_config(
+        **{**TINY, "testbed_views": 8}, steps=2, video_frames=2, num_previews=1,
+        testbed_eval_views=1, checkpoint_every=2,
+    )  # fmt: skip
+    lifts = sweep_run.expand(base, seeds=[0, 1])
+    sweep_run.run_sweep(lifts, tmp_path / "s", progress=False, estimator=tagged)
+    for name, _, _ in lifts:
+        rows = [json.loads(line) for line in (tmp_path / "s" / name / "metrics.jsonl").open()]
+        assert [r["tagged"] for r in rows] == [7.0, 7.0], name

@@ -4,6 +4,7 @@
   a view token), its directory format, loading and the `Denoiser`;
 * `sjc_jax.learned.train`: the training (``python -m sjc_jax train-model``);
 * `sjc_jax.learned.sampling`: its own sampler (DDIM), for pictures and the 2D experiments;
+* `sjc_jax.learned.data`: the plain background and scene-file checksum both of these use;
 * here: the model kind's preset (`learned_config`) and `build_model` (denoiser, the plain
   background, the evaluation against the scene's ground truth).
 
@@ -63,7 +64,7 @@ def ground_truth_of(model, prompt: str):
     """
     import jax.numpy as jnp
 
-    from sjc_jax.learned.train import _sha256, plain_background
+    from sjc_jax.learned.data import file_sha256, plain_background
     from sjc_jax.testbed import load_scene
     from sjc_jax.testbed.scenes import list_scenes
 
@@ -72,7 +73,7 @@ def ground_truth_of(model, prompt: str):
     if source not in list_scenes():
         if not Path(source).is_file():
             return None
-        if record.get("sha256") and _sha256(source) != record["sha256"]:
+        if record.get("sha256") and file_sha256(source) != record["sha256"]:
             return None
     grid, aabb, _ = load_scene(source)
     return grid.replace(background=jnp.asarray(plain_background(model.background))), aabb
@@ -82,9 +83,16 @@ def ground_truth_of(model, prompt: str):
 def _training_renders(train_config: str):
     """The training renders of a training config (JSON): cached, as lifts of several scenes of
     one model (an experiment's rows) share them."""
-    from sjc_jax.learned.train import TrainConfig, render_training_set
+    from sjc_jax.learned.data import render_scenes
 
-    return render_training_set(TrainConfig.from_dict(json.loads(train_config)))
+    c = json.loads(train_config)
+    return render_scenes(
+        c["scenes"],
+        views_per_scene=c["views_per_scene"],
+        image_size=c["architecture"]["image_size"],
+        background=c["background"],
+        seed=c["seed"],
+    )
 
 
 def exact_denoiser(model, prompt: str, config: SJCConfig, training_set=None):
@@ -115,10 +123,10 @@ def exact_denoiser(model, prompt: str, config: SJCConfig, training_set=None):
 
 
 def build_model(config: SJCConfig):
-    """The `sjc_jax.models.Model` of a learned model directory for ``config``."""
+    """The `sjc_jax.model_kind.Model` of a learned model directory for ``config``."""
+    from sjc_jax.learned.data import plain_background
     from sjc_jax.learned.model import load_model, make_denoiser
-    from sjc_jax.learned.train import plain_background
-    from sjc_jax.models import Model
+    from sjc_jax.model_kind import Model
     from sjc_jax.testbed.core import evaluate, evaluate_mesh, heldout_targets, truth_mesh
 
     m = config.model

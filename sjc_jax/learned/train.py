@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
@@ -40,6 +39,7 @@ import numpy as np
 import optax
 
 from sjc_jax import checkpoint, export, files, interrupts, rundir
+from sjc_jax.learned.data import file_sha256, render_scenes
 from sjc_jax.learned.model import (
     MODEL_PREDICTIONS,
     VIEW_TOKENS,
@@ -140,10 +140,6 @@ def scene_names(specs: Sequence[str]) -> list[str]:
     return names
 
 
-def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def scene_records(specs: Sequence[str]) -> list[dict[str, Any]]:
     """``{"name", "source"[, "sha256"]}`` of each scene (what the model dir records)."""
     records = []
@@ -151,69 +147,24 @@ def scene_records(specs: Sequence[str]) -> list[dict[str, Any]]:
         record = {"name": name, "source": str(spec)}
         if str(spec).endswith(".npz"):
             record["source"] = os.path.abspath(spec)
-            record["sha256"] = _sha256(spec)
+            record["sha256"] = file_sha256(spec)
         records.append(record)
     return records
-
-
-def plain_background(rgb: Sequence[float]) -> np.ndarray:
-    """The background texture ``[128, 128, 3]`` of one colour (the scenes' texture size)."""
-    from sjc_jax.testbed.scenes import BACKGROUND_RESOLUTION
-
-    texture = np.empty((BACKGROUND_RESOLUTION, BACKGROUND_RESOLUTION, 3), np.float32)
-    texture[:] = np.asarray(rgb, np.float32)
-    return texture
-
-
-def scene_run_config(image_size: int):
-    """The testbed preset at ``image_size``: its cameras and renderer make the data and lifts."""
-    from sjc_jax.testbed import testbed_config
-
-    return testbed_config(image_size=image_size)
 
 
 def render_training_set(
     config: TrainConfig, *, log: Callable[[str], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(images [M, H, W, 3], scene ids [M], view labels [M])`` of the training scenes.
-
-    ``views_per_scene`` renders of each scene at the architecture's image size, cameras from
-    ``fold_in(key(seed), scene index)``, over ``config.background``.
-    """
-    from sjc_jax.testbed import load_scene
-    from sjc_jax.testbed.core import _scene_render_config
-    from sjc_jax.testbed.scenes import render_dataset
-
-    run_config = scene_run_config(config.architecture.image_size)
-    c = run_config.camera
-    background = jnp.asarray(plain_background(config.background))
-    key = jax.random.key(config.seed)
-    images, scene_ids, labels = [], [], []
-    for i, spec in enumerate(config.scenes):
-        start = time.perf_counter()
-        grid, aabb, _ = load_scene(spec)
-        grid = grid.replace(background=background)
-        views, view_labels, _ = render_dataset(
-            jax.random.fold_in(key, i),
-            grid,
-            num_views=config.views_per_scene,
-            image_size=config.architecture.image_size,
-            render_config=_scene_render_config(run_config, aabb),
-            radius=c.radius,
-            max_v_deg=c.max_v_deg,
-            fov_range_deg=(c.fov_min_deg, c.fov_max_deg),
-            overhead_deg=c.overhead_deg,
-            chunk_size=64,
-        )
-        images.append(np.clip(np.asarray(views), 0.0, 1.0))
-        labels.append(np.asarray(view_labels, np.int32))
-        scene_ids.append(np.full(config.views_per_scene, i, np.int32))
-        if log is not None:
-            log(
-                f"rendered {config.views_per_scene} views of {spec} in "
-                f"{time.perf_counter() - start:.1f} s"
-            )
-    return np.concatenate(images), np.concatenate(scene_ids), np.concatenate(labels)
+    """``(images [M, H, W, 3], scene ids [M], view labels [M])`` of ``config``'s scenes
+    (`sjc_jax.learned.data.render_scenes` with its settings)."""
+    return render_scenes(
+        config.scenes,
+        views_per_scene=config.views_per_scene,
+        image_size=config.architecture.image_size,
+        background=config.background,
+        seed=config.seed,
+        log=log,
+    )
 
 
 def alphas_cumprod(sigmas: np.ndarray) -> np.ndarray:
@@ -363,6 +314,43 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ValueError(f"--out {out} exists and is not empty; give a new directory or --resume")
 
 
+def check_before_training(config: TrainConfig, model_out: str | os.PathLike | None) -> None:
+    """Refuse in one line, before anything is rendered or written, what would fail later.
+
+    A ``model_out`` that exists and is not a model directory (`save_model` would refuse it only
+    after the whole training), and a training set that cannot fit in the host's memory (the
+    renders ``[scenes x views_per_scene, H, W, 3]`` float32 are held on the host and on the
+    device at once).
+
+    Raises:
+      ValueError: one line.
+    """
+    from sjc_jax import resources
+    from sjc_jax.learned.model import is_model_dir
+
+    if model_out is not None:
+        path = Path(model_out).expanduser()
+        if path.exists() and not is_model_dir(path):
+            raise ValueError(
+                f"--model-out {path} exists and is not a model directory; refusing to replace it"
+            )
+    size = config.architecture.image_size
+    needed = 2 * len(config.scenes) * config.views_per_scene * size * size * 3 * 4
+    available = resources.available_bytes(jax.devices()[0])
+    if available is not None and needed > available:
+        raise ValueError(
+            f"the training set needs {needed / 2**30:.1f} GiB ({len(config.scenes)} scenes x "
+            f"{config.views_per_scene} views at {size} x {size}) but "
+            f"{available / 2**30:.1f} GiB is available; lower --views-per-scene"
+        )
+
+
+def _plot_loss(out: Path, history: list[dict[str, Any]]) -> None:
+    """loss.png of the records so far (none yet before the first ``log_every`` steps)."""
+    if history:
+        export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
+
+
 def train(
     config: TrainConfig | None,
     out: str | os.PathLike,
@@ -472,10 +460,10 @@ def train(
                 bar.set_postfix(loss=f"{mean:.4f}")
             if step % config.checkpoint_every == 0 or step == end:
                 save()
-                export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
+                _plot_loss(out, history)
             if stop.requested and step < end:
                 save()
-                export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
+                _plot_loss(out, history)
                 bar.close()
                 raise TrainInterrupted(
                     f"training interrupted at step {step} (checkpointed); continue with: "

@@ -3,8 +3,8 @@
 * `sjc_jax.testbed.scenes`: procedural scenes (duck, house, robot, mug), labelled renders and
   held-out cameras;
 * `sjc_jax.testbed.empirical`: the exact posterior-mean denoiser of a labelled image set;
-* `sjc_jax.testbed.core`: the preset (`testbed_config`), `load_scene`, `build_testbed`, `lift`
-  and `evaluate` (re-exported here).
+* `sjc_jax.testbed.core`: the preset (`testbed_config`), `load_scene`, `scene_render_config`,
+  `build_testbed`, `lift` and `evaluate` (re-exported here).
 """
 
 from sjc_jax.testbed.core import (
@@ -13,7 +13,9 @@ from sjc_jax.testbed.core import (
     SCENE_RESOLUTION,
     WORLD_BACKGROUND_RESOLUTION,
     Testbed,
+    build_bytes,
     build_testbed,
+    check_scene,
     evaluate,
     evaluate_mesh,
     initial_grid,
@@ -21,6 +23,7 @@ from sjc_jax.testbed.core import (
     load_scene,
     make_denoiser,
     psnr,
+    scene_render_config,
     silhouette_iou,
     testbed_config,
     truth_mesh,
@@ -33,7 +36,9 @@ __all__ = [
     "SCENE_RESOLUTION",
     "WORLD_BACKGROUND_RESOLUTION",
     "Testbed",
+    "build_bytes",
     "build_testbed",
+    "check_scene",
     "evaluate",
     "evaluate_mesh",
     "initial_grid",
@@ -41,6 +46,7 @@ __all__ = [
     "load_scene",
     "make_denoiser",
     "psnr",
+    "scene_render_config",
     "silhouette_iou",
     "testbed_config",
     "truth_mesh",

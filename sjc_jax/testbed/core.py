@@ -30,6 +30,7 @@ Conventions of this module:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -45,7 +46,7 @@ from sjc_jax.diffusion.schedule import ddpm_sigmas
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
 from sjc_jax.mesh import grid_mesh, mesh_settings
 from sjc_jax.mesh_metrics import compare_meshes
-from sjc_jax.render import RenderConfig
+from sjc_jax.render import RenderConfig, sample_budget
 from sjc_jax.sjc import TrainState, init_state, make_step
 from sjc_jax.testbed import scenes
 from sjc_jax.testbed.empirical import make_empirical_denoiser
@@ -163,6 +164,32 @@ def load_scene(spec: str | None) -> tuple[VoxelGrid, np.ndarray, str]:
     return grid, aabb, space
 
 
+def build_bytes(config: SJCConfig) -> float:
+    """A floor of the memory `build_testbed` allocates for ``config``, computed without it.
+
+    The labelled image set ``[testbed_views, H, W, 3]`` float32 (on the device and on the host),
+    a 64-camera chunk of its render (a weight and a few values per ray sample), and the held-out
+    renders. Infinite when the renderer's sample count is (a vanishing ``step_ratio``).
+    """
+    size = _render_size(config)
+    views = config.testbed.testbed_views
+    try:
+        budget = sample_budget(config.render_config(), SCENE_RESOLUTION)
+    except (OverflowError, ZeroDivisionError):
+        budget = math.inf
+    images = 2 * views * size * size * 3 * 4
+    chunk = min(64, views) * size * size * budget * 8 * 4
+    heldout = 2 * config.testbed.testbed_eval_views * size * size * 4 * 4
+    return images + chunk + heldout
+
+
+def check_scene(spec: str | None) -> None:
+    """Raise `load_scene`'s ValueError for a bad scene spec; a built-in name is not built."""
+    if spec is None or str(spec) in scenes.list_scenes():
+        return
+    load_scene(spec)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Testbed:
     """Everything a testbed run needs besides the config (built by `build_testbed`)."""
@@ -183,7 +210,8 @@ class Testbed:
     eval_opacity: Array  # [E, H, W] their opacity
 
 
-def _scene_render_config(config: SJCConfig, aabb) -> RenderConfig:
+def scene_render_config(config: SJCConfig, aabb) -> RenderConfig:
+    """``config``'s renderer over the scene box ``aabb [2, 3]`` (a grid file's own box)."""
     aabb = tuple(tuple(float(v) for v in row) for row in np.asarray(aabb, np.float64))
     return dataclasses.replace(config.render_config(), aabb=aabb)
 
@@ -274,7 +302,7 @@ def build_testbed(
     if background.ndim != 3 or background.shape[-1] != 3 or min(background.shape) < 1:
         raise ValueError(f"background must be [Hb, Wb, 3], got shape {background.shape}")
     ground_truth = ground_truth.replace(background=jnp.asarray(background))
-    render_config = _scene_render_config(config, aabb)
+    render_config = scene_render_config(config, aabb)
     size = _render_size(config)
     c = config.camera
     images, labels, _ = scenes.render_dataset(
@@ -330,7 +358,7 @@ def heldout_targets(config: SJCConfig, ground_truth: VoxelGrid, aabb=None) -> Ev
         overhead_deg=config.camera.overhead_deg,
     )
     eval_images, _, eval_opacity = scenes.render_views(
-        ground_truth, eval_cameras, _scene_render_config(config, aabb), chunk_size=64
+        ground_truth, eval_cameras, scene_render_config(config, aabb), chunk_size=64
     )
     return EvalTargets(
         eval_cameras=eval_cameras,
