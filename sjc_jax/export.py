@@ -25,10 +25,8 @@ import imageio.v2 as imageio_v2
 import imageio.v3 as imageio
 import numpy as np
 import trimesh
-from skimage import measure
 
 from sjc_jax.files import atomic_path
-from sjc_jax.grid import DEFAULT_AABB
 
 # Videos: frames smaller than this (in pixels, shorter side) are upscaled by nearest neighbour,
 # and both sides are padded to a multiple of the H.264 macro block, so players cope. 384 px: a
@@ -204,137 +202,6 @@ def save_video(path: str | os.PathLike, frames, *, fps: float = 20) -> Path:
         finally:
             writer.close()
     return Path(path)
-
-
-def default_density_threshold(aabb, resolution, *, step_ratio: float = 0.5) -> float:
-    """The surface level ``ln 2 / delta`` of activated density used by `extract_mesh`.
-
-    ``delta = step_ratio * mean(voxel size)`` is the renderer's sample spacing (half a voxel by
-    default, 0.01 for SJC's 100^3 grid in [-1, 1]^3, giving 69.3). At this density one sample
-    has opacity ``1 - exp(-sigma * delta) = 0.5``: the surface is where a single step along a
-    ray becomes half opaque, which is what the rendered silhouettes show.
-    """
-    aabb = np.asarray(aabb, np.float64)
-    size = (aabb[1] - aabb[0]) / np.asarray(resolution, np.float64)
-    return math.log(2.0) / (step_ratio * float(size.mean()))
-
-
-def _empty_mesh() -> trimesh.Trimesh:
-    return trimesh.Trimesh(
-        vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), np.int64), process=False
-    )
-
-
-def _vertex_colors(points: np.ndarray, colors: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Opacity-weighted trilinear lookup of ``colors [X, Y, Z, 3]`` at index points ``[N, 3]``.
-
-    Corners are clamped into the grid. Each corner weighs ``trilinear * alpha`` (its opacity),
-    so the empty voxels just outside the surface, whose appearance was never trained (random in
-    SJC), do not bleed into the surface colour; where all corners are empty it falls back to
-    plain trilinear weights.
-    """
-    resolution = np.asarray(colors.shape[:3])
-    points = np.clip(points, 0.0, resolution - 1.0)
-    base = np.minimum(np.floor(points).astype(np.int64), np.maximum(resolution - 2, 0))
-    frac = points - base
-    total = np.zeros((len(points), 3))
-    plain = np.zeros((len(points), 3))
-    weight_sum = np.zeros(len(points))
-    for corner in range(8):
-        offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
-        idx = np.minimum(base + offset, resolution - 1)
-        weight = np.prod(np.where(offset == 1, frac, 1.0 - frac), axis=-1)
-        value = colors[idx[:, 0], idx[:, 1], idx[:, 2]]
-        opacity = weight * alpha[idx[:, 0], idx[:, 1], idx[:, 2]]
-        total += opacity[:, None] * value
-        weight_sum += opacity
-        plain += weight[:, None] * value
-    covered = weight_sum > 1e-12
-    out = np.where(covered[:, None], total / np.where(covered, weight_sum, 1.0)[:, None], plain)
-    return np.clip(out, 0.0, 1.0)
-
-
-def extract_mesh(
-    density,
-    colors,
-    *,
-    aabb=DEFAULT_AABB,
-    threshold: float | None = None,
-    step_ratio: float = 0.5,
-    color_density=None,
-) -> trimesh.Trimesh:
-    """Marching-cubes surface of an activated density grid, with vertex colours.
-
-    The volume is padded by one empty voxel on every side so the surface closes where the
-    object touches the box. Vertices are mapped from voxel-centre index space to world
-    coordinates (voxel ``i`` centred at ``lo + (i + 0.5) * size``, x the first axis) and clipped
-    to the box; faces wind counter-clockwise seen from outside (normals point to lower density).
-
-    Args:
-      density: ``[X, Y, Z]`` activated density sigma (``grid.activate_density``), finite.
-      colors: ``[X, Y, Z, 3]`` appearance in [0, 1] (decoded, or `latent_to_rgb_approx`).
-      aabb: ``((xlo, ylo, zlo), (xhi, yhi, zhi))`` box covered by the grid.
-      threshold: iso-level of density; default `default_density_threshold` (opacity 0.5 per
-        render step).
-      step_ratio: the renderer's step in voxels, used for the default threshold and for the
-        opacity weighting of vertex colours.
-      color_density: ``[X, Y, Z]`` the density whose opacity weighs the vertex colours; default
-        ``density`` (`sjc_jax.mesh` meshes a filled density but weighs by the lift's own).
-
-    Returns:
-      A `trimesh.Trimesh` with uint8 RGBA vertex colours. If no voxel, or every voxel, exceeds
-      the threshold there is no surface: a warning is emitted and an empty mesh returned.
-    """
-    density = np.asarray(density, np.float64)
-    colors = np.asarray(colors, np.float64)
-    aabb = np.asarray(aabb, np.float64)
-    if density.ndim != 3 or min(density.shape) < 1:
-        raise ValueError(f"density must be [X, Y, Z], got shape {density.shape}")
-    if colors.shape != density.shape + (3,):
-        raise ValueError(
-            f"colors must be [X, Y, Z, 3] matching density {density.shape}, got {colors.shape}"
-        )
-    if aabb.shape != (2, 3) or not np.all(aabb[1] > aabb[0]):
-        raise ValueError(f"aabb must be ((lo x, y, z), (hi x, y, z)) with hi > lo, got {aabb}")
-    if not np.all(np.isfinite(density)):
-        raise ValueError("density must be finite")
-    if not step_ratio > 0:
-        raise ValueError(f"step_ratio must be positive, got {step_ratio}")
-    if threshold is None:
-        threshold = default_density_threshold(aabb, density.shape, step_ratio=step_ratio)
-    if not (np.isfinite(threshold) and threshold > 0):
-        raise ValueError(f"threshold must be positive, got {threshold}")
-
-    occupied = density > threshold
-    if not occupied.any() or occupied.all():
-        state = "no" if not occupied.any() else "every"
-        warnings.warn(
-            f"extract_mesh: {state} voxel has density above {threshold:.4g}; "
-            "there is no surface, returning an empty mesh",
-            stacklevel=2,
-        )
-        return _empty_mesh()
-
-    padded = np.pad(density, 1, mode="constant", constant_values=0.0)
-    vertices, faces, _, _ = measure.marching_cubes(padded, level=threshold)
-    index = vertices.astype(np.float64) - 1.0  # back to the unpadded voxel-centre indices
-    size = (aabb[1] - aabb[0]) / np.asarray(density.shape, np.float64)
-    # The surface between a boundary voxel and the padding lies up to one voxel outside the box;
-    # the renderer sees nothing outside the box, so the mesh is clipped to it.
-    world = np.clip(aabb[0] + (index + 0.5) * size, aabb[0], aabb[1])
-    delta = step_ratio * float(size.mean())
-    weigh = density if color_density is None else np.asarray(color_density, np.float64)
-    if weigh.shape != density.shape:
-        raise ValueError(f"color_density must have shape {density.shape}, got {weigh.shape}")
-    alpha = -np.expm1(-weigh * delta)
-    rgb = _vertex_colors(index, colors, alpha)
-    rgba = np.concatenate([to_uint8(rgb), np.full((len(rgb), 1), 255, np.uint8)], axis=-1)
-    return trimesh.Trimesh(
-        vertices=world.astype(np.float32),
-        faces=faces[:, ::-1].astype(np.int64),  # skimage winds them inwards for this sign
-        vertex_colors=rgba,
-        process=False,
-    )
 
 
 def save_mesh(path: str | os.PathLike, mesh: trimesh.Trimesh) -> Path:

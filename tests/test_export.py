@@ -15,8 +15,6 @@ import trimesh
 from sjc_jax.export import (
     MESH_FILES,
     colorize_depth,
-    default_density_threshold,
-    extract_mesh,
     save_mesh,
     save_mesh_files,
     save_metrics_plot,
@@ -25,6 +23,7 @@ from sjc_jax.export import (
     to_uint8,
     viridis,
 )
+from sjc_jax.mesh import default_density_threshold, extract_mesh
 
 # Subprocesses (ffmpeg, the killed child) are fork+exec; JAX's at-fork warning does not apply.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")

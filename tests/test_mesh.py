@@ -11,7 +11,7 @@ import trimesh
 
 from sjc_jax import mesh as mesh_rule
 from sjc_jax import mesh_metrics
-from sjc_jax.export import default_density_threshold, extract_mesh
+from sjc_jax.mesh import default_density_threshold, extract_mesh
 
 AABB = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
 RES = 40
