@@ -117,7 +117,13 @@ def check(config: SJCConfig) -> float:
 
 def build_model(config: SJCConfig) -> Model:
     """The `Model` of ``config.model.model`` through its kind."""
-    return kind_of(config.model.model).build(config)
+    kind = kind_of(config.model.model)
+    if config.model.exact_denoiser and kind.name != "learned":
+        raise ValueError(
+            f"--exact-denoiser applies to learned models; --model {config.model.model!r} is "
+            f"{kind.name}"
+        )
+    return kind.build(config)
 
 
 __all__ = ["Model", "ModelKind", "build_model", "check", "kind_of", "register"]

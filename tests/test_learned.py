@@ -372,3 +372,14 @@ def test_train_model_command_line_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert match in err and len(err.splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_exact_denoiser_flag_is_refused_for_other_kinds(tmp_path, capsys):
+    from sjc_jax import cli
+
+    out = tmp_path / "run"
+    argv = ["run", "--model", "testbed", "--exact-denoiser", "--steps", "2", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--exact-denoiser applies to learned models" in err and len(err.splitlines()) == 1
+    assert not out.exists()
