@@ -9,7 +9,7 @@ re-exports are resolved on first use, and are checked below to be numerics), but
 packages the importing module itself lies in (they are initialised before it runs: a package
 ``__init__`` re-exporting its submodules is no cycle).
 
-The layers (DESIGN.md; the same table is in docs/conventions.md), each importing only its own
+The layers (the same table is in docs/conventions.md), each importing only its own
 layer and those below:
 
 1. numerics: the grid, cameras, renderer, estimators, samplers, losses, optimiser, the step,
