@@ -19,7 +19,7 @@ Claims (``--claims``):
 * ``estimators``: SJC vs SDS (three weightings) vs NFSD vs CSD;
 * ``views``: view-augmented prompts on / off (the Janus score is the point);
 * ``sigma``: random vs annealed vs fixed sigma;
-* ``guidance``: guidance scale 1 / 10 / 100;
+* ``guidance``: guidance scale 1 / 3 (the preset) / 10 / 100;
 * ``paas_sigma`` (no lifts): what PAAS estimates. For images y, the PAAS mean ``m = E_n[D(y +
   sigma n, sigma)] - y`` (256 draws) with the learned and with the exact denoiser, against the
   exact score directions ``D*(y, s) - y`` at ``s = sigma`` and ``s = sqrt(2) sigma`` (D* the
@@ -52,10 +52,50 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sjc_jax import learned, sjc  # noqa: E402
 from sjc_jax.learned import model as learned_model  # noqa: E402
 
+
+def _candidate(schedule, t_min, t_max, guidance, emptiness, activation) -> dict:
+    """A lift preset candidate: every value the preset sets."""
+    return dict(
+        sigma_schedule=schedule,
+        t_min=t_min,
+        t_max=t_max,
+        guidance_scale=guidance,
+        emptiness_weight=emptiness,
+        feature_activation=activation,
+    )
+
+
 CLAIMS: dict[str, dict[str, dict]] = {
     "lift": {
         "learned model (preset)": {},
         "exact D* of its training renders": {"exact_denoiser": True},
+    },
+    # The preset chosen by measurement: candidate settings, each lifted with the learned model
+    # (and with its exact twin); every row sets all five values, so the rows do not move with the
+    # preset (docs/learned.md, "The lift preset").
+    "preset": {
+        f"{twin}: {name}": {**_candidate(*values), **extra}
+        for name, values in {
+            "random 50..600, g 10, empt 100": ("random", 50, 600, 10.0, 100.0, "none"),
+            "annealed 600->10, g 10, empt 100": ("annealed", 10, 600, 10.0, 100.0, "none"),
+            "annealed 600->10, g 5, empt 100": ("annealed", 10, 600, 5.0, 100.0, "none"),
+            "annealed 800->10, g 10, empt 100": ("annealed", 10, 800, 10.0, 100.0, "none"),
+            "dreamtime 10..600, g 10, empt 100": ("dreamtime", 10, 600, 10.0, 100.0, "none"),
+            "random 10..600, g 10, empt 300": ("random", 10, 600, 10.0, 300.0, "none"),
+            "random 50..600, g 3, empt 100": ("random", 50, 600, 3.0, 100.0, "none"),
+            "random 50..600, g 1, empt 100": ("random", 50, 600, 1.0, 100.0, "none"),
+            "random 20..400, g 3, empt 100": ("random", 20, 400, 3.0, 100.0, "none"),
+            "random 50..600, g 3, empt 10": ("random", 50, 600, 3.0, 10.0, "none"),
+            "random 50..600, g 5, empt 30": ("random", 50, 600, 5.0, 30.0, "none"),
+            "sigmoid, random 50..600, g 10, empt 100": ("random", 50, 600, 10.0, 100.0, "sigmoid"),
+            "sigmoid, random 50..600, g 5, empt 100": ("random", 50, 600, 5.0, 100.0, "sigmoid"),
+            "sigmoid, random 50..600, g 3, empt 100": ("random", 50, 600, 3.0, 100.0, "sigmoid"),
+            "sigmoid, random 20..400, g 3, empt 100": ("random", 20, 400, 3.0, 100.0, "sigmoid"),
+            "sigmoid, random 20..400, g 2, empt 100": ("random", 20, 400, 2.0, 100.0, "sigmoid"),
+            "sigmoid, random 10..300, g 3, empt 100": ("random", 10, 300, 3.0, 100.0, "sigmoid"),
+            "sigmoid, random 20..400, g 3, empt 30": ("random", 20, 400, 3.0, 30.0, "sigmoid"),
+        }.items()
+        for twin, extra in (("learned", {}), ("exact", {"exact_denoiser": True}))
     },
     "paas": {
         "PAAS (SJC Eq. 16, preset)": {},
@@ -87,7 +127,8 @@ CLAIMS: dict[str, dict[str, dict]] = {
     },
     "guidance": {
         "guidance 1": {"guidance_scale": 1.0},
-        "guidance 10 (preset)": {},
+        "guidance 3 (preset)": {},
+        "guidance 10": {"guidance_scale": 10.0},
         "guidance 100": {"guidance_scale": 100.0},
     },
 }
@@ -129,12 +170,13 @@ def lift(config, model, step=None):
 
 def save_grid(args, row_name, scene, seed, grid, config) -> None:
     """The lift's grid file (``OUT/grids/ROW-SCENE-SEED.npz``), to mesh or render later."""
-    from sjc_jax.grid_io import save_grid_file
+    from sjc_jax.grid_io import grid_feature_space, save_grid_file
 
     slug = "".join(c if c.isalnum() else "-" for c in row_name.lower()).strip("-")
     path = os.path.join(args.out, "grids", f"{slug}-{scene}-{seed}.npz")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_grid_file(path, grid, aabb=config.render_config().aabb, feature_space="rgb")
+    space = grid_feature_space("rgb", config.render.feature_activation)
+    save_grid_file(path, grid, aabb=config.render_config().aabb, feature_space=space)
 
 
 def _done(args, claim: str) -> dict:

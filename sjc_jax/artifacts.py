@@ -24,7 +24,7 @@ from sjc_jax import export, files
 from sjc_jax.camera import Camera, make_camera, sjc_eye, turntable_path
 from sjc_jax.config import SJCConfig
 from sjc_jax.diffusion.denoiser import Denoiser
-from sjc_jax.grid_io import save_grid_file
+from sjc_jax.grid_io import grid_feature_space, save_grid_file
 from sjc_jax.mesh import grid_mesh, mesh_settings
 from sjc_jax.render import render_view, render_views
 from sjc_jax.rundir import FINAL, MESH_INFO
@@ -46,6 +46,9 @@ class Artifacts:
 
     def __init__(self, config: SJCConfig, denoiser: Denoiser, size: int):
         self.config, self.denoiser, self.size = config, denoiser, size
+        self.grid_feature_space = grid_feature_space(
+            denoiser.feature_space, config.render.feature_activation
+        )
         render_config = config.render_config()
         self._render = jax.jit(lambda grid, cam: render_view(grid, cam, render_config))
 
@@ -85,7 +88,7 @@ class Artifacts:
         """``mesh.ply``, ``.glb``, ``.obj`` (+ texture) and ``mesh.json`` (how it was made)."""
         mesh, info = grid_mesh(
             grid,
-            feature_space=self.denoiser.feature_space,
+            feature_space=self.grid_feature_space,
             **mesh_settings(self.config),
         )
         export.save_mesh_files(final, mesh)
@@ -96,7 +99,7 @@ class Artifacts:
             final / "grid.npz",
             grid,
             aabb=self.config.render_config().aabb,
-            feature_space=self.denoiser.feature_space,
+            feature_space=self.grid_feature_space,
         )
 
     def parts(self, grid, final: Path) -> list[Callable[[], None]]:

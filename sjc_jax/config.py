@@ -25,7 +25,7 @@ from typing import Any
 from sjc_jax.diffusion.attention import ATTENTION_KINDS
 from sjc_jax.diffusion.numerics import GELU_KINDS
 from sjc_jax.estimators import ESTIMATORS, SCALES, WEIGHTINGS
-from sjc_jax.render import RenderConfig
+from sjc_jax.render import FEATURE_ACTIVATIONS, RenderConfig
 
 DTYPES = ("float32", "bfloat16")
 # Noise-free score distillation's negative prompt (Katzir et al., ICLR 2024).
@@ -102,6 +102,9 @@ class RenderSettings:
     background_wrap: bool = _field(
         True, "background wraps in azimuth (no seam); False zero-pads it as the original"
     )
+    feature_activation: str = _field(
+        "none", "features as appearance: none (as stored, the original) or sigmoid (RGB in (0, 1))"
+    )
 
     def __post_init__(self):
         _check_positive_ints(self, ("grid_resolution", "background_resolution"))
@@ -112,6 +115,11 @@ class RenderSettings:
             raise ValueError(f"image_size must be an integer >= 8, got {self.image_size!r}")
         _check_finite(self, ("step_ratio", "density_shift", "background_depth"))
         _check_finite(self, ("weight_threshold",), low=0.0)
+        if self.feature_activation not in FEATURE_ACTIVATIONS:
+            raise ValueError(
+                f"feature_activation must be one of {FEATURE_ACTIVATIONS}, "
+                f"got {self.feature_activation!r}"
+            )
         if not isinstance(self.background_wrap, bool):
             raise ValueError(f"background_wrap must be true or false, got {self.background_wrap!r}")
         if not self.step_ratio > 0:
@@ -125,6 +133,7 @@ class RenderSettings:
             weight_threshold=self.weight_threshold,
             background_depth=self.background_depth,
             background_wrap=self.background_wrap,
+            feature_activation=self.feature_activation,
         )
 
 

@@ -3,8 +3,10 @@
 The format (a public contract, read by the testbed's ``--scene`` and written by every run as
 ``final/grid.npz``): ``density [X, Y, Z]``, ``features [X, Y, Z, C]``, ``background [Hb, Wb,
 C]``, ``density_scale []`` (float32), ``aabb [2, 3]`` (float64, ``((xlo, ylo, zlo), (xhi, yhi,
-zhi))``) and the string ``feature_space``: ``"rgb"`` (C = 3) or ``"sd-latent"`` (C = 4). No
-other keys; every value finite.
+zhi))``) and the string ``feature_space``: ``"rgb"`` (C = 3, RGB as it is), ``"rgb-logit"``
+(C = 3, RGB before a sigmoid: a lift rendered with ``feature_activation="sigmoid"``, whose
+appearance at a point is ``sigmoid`` of the trilinearly interpolated features) or ``"sd-latent"``
+(C = 4). No other keys; every value finite.
 """
 
 from __future__ import annotations
@@ -18,9 +20,26 @@ import numpy as np
 from sjc_jax.files import atomic_path
 from sjc_jax.grid import DEFAULT_AABB, VoxelGrid
 
-FEATURE_SPACES = ("rgb", "sd-latent")
+FEATURE_SPACES = ("rgb", "rgb-logit", "sd-latent")
 GRID_FILE_KEYS = ("density", "features", "background", "density_scale", "aabb", "feature_space")
-FEATURE_CHANNELS = {"rgb": 3, "sd-latent": 4}
+FEATURE_CHANNELS = {"rgb": 3, "rgb-logit": 3, "sd-latent": 4}
+
+
+def grid_feature_space(denoiser_space: str, feature_activation: str) -> str:
+    """The grid file's ``feature_space`` of a lift: its denoiser's space under the renderer's
+    ``feature_activation`` (``"rgb"`` under ``"sigmoid"`` is ``"rgb-logit"``)."""
+    if feature_activation == "none":
+        return denoiser_space
+    if (denoiser_space, feature_activation) == ("rgb", "sigmoid"):
+        return "rgb-logit"
+    raise ValueError(
+        f"feature_activation {feature_activation!r} applies to RGB models, not {denoiser_space!r}"
+    )
+
+
+def feature_activation_of(feature_space: str) -> str:
+    """The renderer's ``feature_activation`` that shows a grid file of ``feature_space``."""
+    return "sigmoid" if feature_space == "rgb-logit" else "none"
 
 
 def _check_grid_arrays(arrays: dict, source: str) -> tuple[VoxelGrid, np.ndarray, str]:
@@ -79,7 +98,7 @@ def save_grid_file(path, grid: VoxelGrid, *, aabb=DEFAULT_AABB, feature_space: s
       path: destination (written as given; no ``.npz`` is appended).
       grid: the scene; density ``[X, Y, Z]``, features ``[X, Y, Z, C]``, background ``[Hb, Wb, C]``.
       aabb: ``((xlo, ylo, zlo), (xhi, yhi, zhi))`` box the grid covers.
-      feature_space: ``"rgb"`` (C = 3) or ``"sd-latent"`` (C = 4).
+      feature_space: ``"rgb"`` or ``"rgb-logit"`` (C = 3), or ``"sd-latent"`` (C = 4).
     """
     path = os.fspath(path)
     arrays = {

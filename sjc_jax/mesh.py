@@ -388,13 +388,15 @@ def grid_mesh(
 ) -> tuple[trimesh.Trimesh, MeshInfo]:
     """`object_mesh` of a `VoxelGrid`: its activated density, its features as colours.
 
-    Colours: the RGB features clipped to [0, 1] (``feature_space="rgb"``) or the linear
-    SD-latent-to-RGB approximation (``"sd-latent"``).
+    Colours: the RGB features clipped to [0, 1] (``feature_space="rgb"``), their sigmoid
+    (``"rgb-logit"``) or the linear SD-latent-to-RGB approximation (``"sd-latent"``).
     """
     density = np.asarray(activate_density(grid.density, grid.density_scale, density_shift))
     feats = np.asarray(grid.features)
     if feature_space == "rgb":
         colors = np.clip(feats, 0.0, 1.0)
+    elif feature_space == "rgb-logit":
+        colors = 1.0 / (1.0 + np.exp(-feats.astype(np.float64)))
     else:
         from sjc_jax.diffusion.stable_diffusion import latent_to_rgb_approx
 

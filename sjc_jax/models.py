@@ -13,6 +13,7 @@ live in `sjc_jax.model_kind` (re-exported here), below the kinds that build them
 from __future__ import annotations
 
 from sjc_jax.config import SJCConfig
+from sjc_jax.grid_io import grid_feature_space
 from sjc_jax.model_kind import Model, ModelKind
 
 
@@ -123,7 +124,9 @@ def build_model(config: SJCConfig) -> Model:
             f"--exact-denoiser applies to learned models; --model {config.model.model!r} is "
             f"{kind.name}"
         )
-    return kind.build(config)
+    model = kind.build(config)
+    grid_feature_space(model.denoiser.feature_space, config.render.feature_activation)
+    return model
 
 
 __all__ = ["Model", "ModelKind", "build_model", "check", "kind_of", "register"]

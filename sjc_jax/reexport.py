@@ -71,10 +71,13 @@ def export_run(run_dir: str | os.PathLike, *, mesh_threshold: float | None = Non
         run = dataclasses.replace(config.run, mesh_threshold=float(mesh_threshold))
         config = dataclasses.replace(config, run=run)
     model = build_model(config)
-    if model.denoiser.feature_space != feature_space:
+    expected = grid_io.grid_feature_space(
+        model.denoiser.feature_space, config.render.feature_activation
+    )
+    if expected != feature_space:
         raise RunError(
-            f"{grid_path} holds {feature_space!r} features; the run's model makes "
-            f"{model.denoiser.feature_space!r}"
+            f"{grid_path} holds {feature_space!r} features; the run's model and renderer make "
+            f"{expected!r}"
         )
     size = config.render.image_size or model.denoiser.resolution
     with rundir.RunLock(out):

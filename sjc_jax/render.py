@@ -30,6 +30,9 @@ from sjc_jax.grid import DEFAULT_AABB, VoxelGrid, activate_density, voxel_size
 
 Array = jax.Array
 
+# `RenderConfig.feature_activation`: what turns the grid's features into appearance.
+FEATURE_ACTIVATIONS = ("none", "sigmoid")
+
 
 @dataclasses.dataclass(frozen=True)
 class RenderConfig:
@@ -59,6 +62,10 @@ class RenderConfig:
     # whose members share one packed-lookup size, the largest any of them needs, so the switch
     # keeps an unbatched index and runs one tier instead of all. None = no such axis.
     batch_axis: str | None = None
+    # How the grid's feature channels become the composited appearance: "none" uses them as they
+    # are (SD latents, the original); "sigmoid" squashes each interpolated sample into (0, 1), so
+    # RGB cannot leave its range and a faint volume cannot fake a solid colour with extreme values.
+    feature_activation: str = "none"
 
     def __post_init__(self):
         lo, hi = np.asarray(self.aabb, np.float64)
@@ -72,6 +79,18 @@ class RenderConfig:
             raise ValueError(f"compact_tiers must lie in (0, 1), got {self.compact_tiers!r}")
         if not self.weight_threshold >= 0:
             raise ValueError(f"weight_threshold must be >= 0, got {self.weight_threshold}")
+        if self.feature_activation not in FEATURE_ACTIVATIONS:
+            raise ValueError(
+                f"feature_activation must be one of {FEATURE_ACTIVATIONS}, "
+                f"got {self.feature_activation!r}"
+            )
+
+
+def activate_features(features: Array, activation: str) -> Array:
+    """The appearance of interpolated ``features`` under ``activation`` (`RenderConfig`)."""
+    if activation == "sigmoid":
+        return jax.nn.sigmoid(features)
+    return features
 
 
 def step_size(config: RenderConfig, resolution) -> float:
@@ -400,6 +419,7 @@ def render_rays(
     if config.batch_axis is not None:
         tier = jax.lax.pmax(tier, config.batch_axis)
     raw, feats = jax.lax.switch(tier, branches, grid)
+    feats = activate_features(feats, config.feature_activation)
     sigma = jnp.where(valid, activate_density(raw, grid.density_scale, config.density_shift), 0.0)
     wrap = config.background_wrap
     bg = jax.vmap(lambda d: bilinear(grid.background, background_uv(d), wrap=wrap))(directions)

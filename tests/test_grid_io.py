@@ -136,3 +136,31 @@ def test_save_is_atomic(grids, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         grid_io.save_grid_file(fresh, grids["house"], feature_space="rgb")
     assert os.listdir(tmp_path) == ["grid.npz"]
+
+
+def test_rgb_logit_grids_and_their_activation(grids, tmp_path):
+    """A sigmoid lift's grid file says so (``rgb-logit``); the mesh colours are the sigmoid."""
+    from sjc_jax.mesh import grid_mesh
+
+    assert grid_io.grid_feature_space("rgb", "none") == "rgb"
+    assert grid_io.grid_feature_space("rgb", "sigmoid") == "rgb-logit"
+    assert grid_io.grid_feature_space("sd-latent", "none") == "sd-latent"
+    with pytest.raises(ValueError, match="applies to RGB models"):
+        grid_io.grid_feature_space("sd-latent", "sigmoid")
+    assert grid_io.feature_activation_of("rgb-logit") == "sigmoid"
+    assert grid_io.feature_activation_of("rgb") == "none"
+    grid = grids["duck"]
+    logits = grid.replace(features=jnp.log(grid.features + 0.05) - jnp.log(1.05 - grid.features))
+    path = tmp_path / "lift.npz"
+    grid_io.save_grid_file(path, logits, feature_space="rgb-logit")
+    loaded, _, space = grid_io.load_grid_file(path)
+    assert space == "rgb-logit"
+    chex.assert_trees_all_equal(loaded, logits, strict=True)
+    settings = dict(aabb=((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)), density_shift=0.0)
+    plain, _ = grid_mesh(grid, feature_space="rgb", **settings)
+    squashed, _ = grid_mesh(loaded, feature_space="rgb-logit", **settings)
+    np.testing.assert_array_equal(squashed.vertices, plain.vertices)
+    # sigmoid(logit((f + 0.05) / 1.1)) = (f + 0.05) / 1.1 at the vertices (colours in 8 bits)
+    expected = (np.asarray(plain.visual.vertex_colors[:, :3], np.float64) / 255 + 0.05) / 1.1
+    got = np.asarray(squashed.visual.vertex_colors[:, :3], np.float64) / 255
+    np.testing.assert_allclose(got, expected, atol=1.5 / 255)

@@ -67,9 +67,12 @@ def grid_sample_2d(texture, uv):
     return out
 
 
-def reference_render(grid, ro, rd, density_shift=-1.0, thres=1e-4, fixed_mask=None):
+def reference_render(
+    grid, ro, rd, density_shift=-1.0, thres=1e-4, fixed_mask=None, activation="none"
+):
     """The original renderer in float64. grid: dict of numpy arrays in OUR layout; converted here to
-    the torch layout. Returns (rgb [N, C], depth [N], weights [k, N], k, mask)."""
+    the torch layout. ``activation="sigmoid"`` squashes each interpolated feature sample (not in
+    the original). Returns (rgb [N, C], depth [N], weights [k, N], k, mask)."""
     density = np.transpose(grid["density"], (2, 1, 0))[None].astype(np.float64)  # [1, Z, Y, X]
     color = np.transpose(grid["features"], (3, 2, 1, 0)).astype(np.float64)  # [C, Z, Y, X]
     bg = np.transpose(grid["background"], (2, 0, 1)).astype(np.float64)  # [C, Hb, Wb]
@@ -99,6 +102,8 @@ def reference_render(grid, ro, rd, density_shift=-1.0, thres=1e-4, fixed_mask=No
     fmask = weights > thres if fixed_mask is None else fixed_mask
     colors = np.zeros((k, n, color.shape[0]))
     colors[fmask] = grid_sample_3d(color, coords[fmask])
+    if activation == "sigmoid":
+        colors[fmask] = 1.0 / (1.0 + np.exp(-colors[fmask]))
     bg_weight = 1 - weights.sum(0)
     rgb = (weights[..., None] * colors).sum(0)
     x, y, z = rd.T
@@ -202,6 +207,30 @@ def test_render_view_shapes_and_k_range():
 
 
 # ----------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("tiers", [(), (0.3, 0.6, 0.9)])
+def test_sigmoid_features_match_reference(tiers):
+    """``feature_activation="sigmoid"``: each interpolated feature sample squashed, the
+    background and density untouched."""
+    grid = random_grid(jax.random.key(1), channels=3, scale=2.0)
+    ro, rd = rays_of(**CAMERAS["outside"])
+    config = render.RenderConfig(
+        compact_tiers=tiers, background_wrap=False, feature_activation="sigmoid"
+    )
+    out = jax.jit(lambda g, o, d: render.render_rays(g, o, d, None, None, config))(grid, ro, rd)
+    rgb, depth, weights, _, _ = reference_render(
+        as_numpy(grid), ro.astype(np.float64), rd.astype(np.float64), activation="sigmoid"
+    )
+    plain, *_ = reference_render(as_numpy(grid), ro.astype(np.float64), rd.astype(np.float64))
+    assert np.abs(rgb - plain).max() > 0.1  # the activation changes the picture
+    np.testing.assert_allclose(out.features, rgb, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out.depth, depth, atol=2e-5, rtol=1e-5)
+
+
+def test_unknown_feature_activation_refused():
+    with pytest.raises(ValueError, match="feature_activation must be one of"):
+        render.RenderConfig(feature_activation="relu")
+
+
 def _loss_fns(config, ro, rd):
     def outputs(g):
         out = render.render_rays(g, ro, rd, None, None, config)
@@ -212,13 +241,15 @@ def _loss_fns(config, ro, rd):
     return outputs
 
 
-@pytest.mark.parametrize("name", ["outside", "inside"])
-def test_gradients_match_reference(name):
+@pytest.mark.parametrize(
+    "name, activation", [("outside", "none"), ("inside", "none"), ("outside", "sigmoid")]
+)
+def test_gradients_match_reference(name, activation):
     """VJPs of image, depth and emptiness against float64 central differences of the reference,
     with the feature mask held at its value (it is not differentiated, as in the original)."""
     grid = random_grid(jax.random.key(3), res=(5, 4, 6), channels=3, scale=2.0, bg=(3, 4))
     ro, rd = rays_of(**CAMERAS[name], size=5)
-    config = render.RenderConfig(background_wrap=False)
+    config = render.RenderConfig(background_wrap=False, feature_activation=activation)
     outputs = _loss_fns(config, ro, rd)
     rng = np.random.default_rng(0)
     co_rgb = rng.normal(size=(ro.shape[0], 3))
@@ -228,8 +259,9 @@ def test_gradients_match_reference(name):
 
     def ref_objective(g):
         rgb, depth, w, kk, _ = reference_render(
-            g, ro.astype(np.float64), rd.astype(np.float64), fixed_mask=fmask
-        )
+            g, ro.astype(np.float64), rd.astype(np.float64), fixed_mask=fmask,
+            activation=activation,
+        )  # fmt: skip
         assert kk == k
         empt = np.sum(np.log1p(10 * w)) / (k * ro.shape[0])
         return np.sum(rgb * co_rgb) + np.sum(depth * co_depth) + 3.0 * empt

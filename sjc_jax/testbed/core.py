@@ -211,9 +211,13 @@ class Testbed:
 
 
 def scene_render_config(config: SJCConfig, aabb) -> RenderConfig:
-    """``config``'s renderer over the scene box ``aabb [2, 3]`` (a grid file's own box)."""
+    """``config``'s renderer over the scene box ``aabb [2, 3]`` (a grid file's own box).
+
+    A scene stores its appearance as it is (RGB in [0, 1]), so its renderer applies no feature
+    activation whatever the lift's ``feature_activation``.
+    """
     aabb = tuple(tuple(float(v) for v in row) for row in np.asarray(aabb, np.float64))
-    return dataclasses.replace(config.render_config(), aabb=aabb)
+    return dataclasses.replace(config.render_config(), aabb=aabb, feature_activation="none")
 
 
 def _render_size(config: SJCConfig) -> int:
@@ -474,7 +478,8 @@ def evaluate_mesh(grid: VoxelGrid, truth, config: SJCConfig) -> dict:
       `sjc_jax.mesh_metrics.compare_meshes`'s ``chamfer``, ``normal_consistency``, ``f_score``
       (at ``f_score_tau``), ``precision`` and ``recall``.
     """
-    mesh, info = grid_mesh(grid, feature_space="rgb", **mesh_settings(config))
+    space = grid_io.grid_feature_space("rgb", config.render.feature_activation)
+    mesh, info = grid_mesh(grid, feature_space=space, **mesh_settings(config))
     return {"mesh": {**info.to_dict(), **(compare_meshes(mesh, truth) or {})}}
 
 
