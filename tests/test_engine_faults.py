@@ -43,9 +43,9 @@ from test_faults import (
     check_output,
     error_lines,
     fault_child,
-    launch,
     validate_checkpoints,
 )
+from test_faults import launch as _launch
 
 from sjc_jax import checkpoint, rundir
 
@@ -104,6 +104,14 @@ COMMANDS = {
         (STEPS,),  # one record a log_every (50) steps window, and one at the end
     ),
 }
+
+
+# train-model compiles a UNet's training step: minutes on a loaded 2-core machine.
+TIMEOUT = 1200
+
+
+def launch(cmd, out: Path, fault: Fault | None, cache_dir, **env) -> Result:
+    return _launch(cmd, out, fault, cache_dir, timeout=TIMEOUT, **env)
 
 
 def cli(*args: str) -> list[str]:

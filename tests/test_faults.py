@@ -162,7 +162,7 @@ class Result:
         return json.loads(lines[-1]) if lines else None
 
 
-def launch(cmd, out: Path, fault: Fault | None, cache_dir, **env) -> Result:
+def launch(cmd, out: Path, fault: Fault | None, cache_dir, *, timeout=TIMEOUT, **env) -> Result:
     before = (
         {_key(p) for p in glob.glob(str(out / _PATTERNS[fault.trigger]))}
         if fault and fault.signals and fault.trigger != "time"
@@ -192,7 +192,7 @@ def launch(cmd, out: Path, fault: Fault | None, cache_dir, **env) -> Result:
                     time.sleep(float(sig[1:]))
                 elif proc.poll() is None:
                     proc.send_signal(sig)
-        proc.wait(timeout=TIMEOUT)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
