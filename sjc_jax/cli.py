@@ -294,7 +294,7 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
-    from sjc_jax import runner, sweep_run
+    from sjc_jax import sweep_run
 
     def action() -> dict[str, Any]:
         log = lambda line: print(f"{PROG}: {line}", file=sys.stderr)  # noqa: E731
@@ -327,27 +327,21 @@ def _sweep(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
             lifts, args.out, progress=not args.no_progress, stop=stop, log=log
         )
 
-    return _outcome(
-        action,
-        interrupted=runner.Interrupted,
-        fatal=(runner.NonFiniteError, runner.DiskFullError),
-    )
+    return _outcome(action)
 
 
-def _outcome(
-    action: typing.Callable[[], dict[str, Any]],
-    *,
-    interrupted: type[BaseException],
-    fatal: tuple[type[BaseException], ...] = (),
-) -> int:
-    """Run ``action`` and print its summary as JSON (exit 0), or map what it raises to one line:
-    ``interrupted`` exits 130, ``fatal`` (work kept, run stopped) and other OS errors 1, bad
-    input (ValueError, a missing file) 2."""
+def _outcome(action: typing.Callable[[], dict[str, Any]]) -> int:
+    """Run ``action`` and print its summary as JSON (exit 0), or map what it raises to one line
+    (`sjc_jax.engine`'s, the same for every command): `Interrupted` exits 130, a non-finite
+    state or a full disk (work kept, run stopped) and other OS errors 1, bad input (ValueError,
+    a missing file) 2."""
+    from sjc_jax.engine import DiskFullError, Interrupted, NonFiniteError
+
     try:
         summary = action()
-    except interrupted as err:
+    except Interrupted as err:
         return _fail(str(err), 130)
-    except fatal as err:
+    except (NonFiniteError, DiskFullError) as err:
         return _fail(str(err), 1)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -486,7 +480,7 @@ def _train_model(args: argparse.Namespace, stop: interrupts.StopRequest) -> int:
             log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
         )
 
-    return _outcome(action, interrupted=learned_train.TrainInterrupted)
+    return _outcome(action)
 
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -584,10 +578,7 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
     if args.command == "export":
         from sjc_jax.reexport import export_run
 
-        return _outcome(
-            lambda: export_run(args.run_dir, mesh_threshold=args.mesh_threshold),
-            interrupted=runner.Interrupted,
-        )
+        return _outcome(lambda: export_run(args.run_dir, mesh_threshold=args.mesh_threshold))
 
     def action() -> dict[str, Any]:
         steps = None
@@ -618,8 +609,4 @@ def _main(argv: list[str] | None, stop: interrupts.StopRequest, restore) -> int:
             log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
         )
 
-    return _outcome(
-        action,
-        interrupted=runner.Interrupted,
-        fatal=(runner.NonFiniteError, runner.DiskFullError),
-    )
+    return _outcome(action)

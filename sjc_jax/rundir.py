@@ -185,6 +185,13 @@ def lock_holder(out: str | os.PathLike) -> str | None:
         os.close(fd)
 
 
+def check_free(out: str | os.PathLike) -> None:
+    """Raise `RunError` naming the pid if a live process holds ``out``'s lock (writes nothing)."""
+    holder = lock_holder(out) if Path(out).is_dir() else None
+    if holder is not None:
+        raise RunError(_locked_message(Path(out), holder))
+
+
 class RunLock:
     """An exclusive lock on a run directory for as long as the run writes into it.
 
@@ -335,6 +342,7 @@ __all__ = [
     "TENSORBOARD",
     "RunError",
     "RunLock",
+    "check_free",
     "check_new",
     "check_resume",
     "foreign_entries",

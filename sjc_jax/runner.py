@@ -1,15 +1,12 @@
-"""The run loop: a directory in, artifacts out, resumable after any interruption.
+"""The run command: one config lifted into a run directory, on the run engine.
 
-Two layers:
-
-* `run_loop` is generic: it steps a state with any jitted step function, fetches metrics every
-  ``log_every`` steps (the loop's only host syncs), checkpoints every ``checkpoint_every`` steps
-  and at the end, calls hooks (``every`` steps, with the state) for everything else, and serves a
-  stop request between steps.
-* `run` is the lift of one config into a run directory: it builds the model through its kind
-  (`sjc_jax.models`), the step with the research choices given as values (an ``estimator=``
-  passed here reaches `sjc.make_step` unchanged), and the hooks of the artifacts (previews,
-  final grid, videos, mesh, the model kind's evaluation).
+`run` builds the model through its kind (`sjc_jax.models`), the step with the research choices
+given as values (an ``estimator=`` passed here reaches `sjc.make_step` unchanged), and the hooks
+of the artifacts (previews, final grid, videos, mesh, the model kind's evaluation). Everything
+around the steps is `sjc_jax.engine`'s, shared with ``sweep`` and ``train-model``: validation
+and the memory check before anything is written, the directory's lock, checkpoints and their
+validated restore, stop requests and the full disk (`run_loop` and `Hook` are re-exported from
+there).
 
 A run directory (`sjc_jax.rundir`) holds ``config.json`` (nested by section), ``metrics.jsonl``
 (one line per step, each step exactly once), ``previews/`` (a fixed camera every 1 % of the run:
@@ -19,32 +16,22 @@ of the metrics and previews) and ``final/`` (``grid.npz``, ``view.png``, ``turnt
 ``metrics.png`` and, when the model kind evaluates, ``eval.json``; written into ``final.tmp-*``
 and renamed, so a ``final/`` is always complete).
 
-`run` owns its directory. Everything is validated before anything is written: the directory
-(`rundir.check_new` / `rundir.check_resume`), the config, the model (built first: a bad
-``--scene`` or model path fails here) and the memory the run needs (`sjc_jax.resources`). Only
-then is the directory created and locked (`rundir.RunLock`, for the run's lifetime) and
+Everything is validated before anything is written: the directory (`rundir.check_new` /
+`rundir.check_resume`), the config, the model (built first: a bad ``--scene`` or model path
+fails here) and the memory the run needs. Only then is the directory created and locked and
 ``config.json`` written.
 
-Faults:
-
-* Ctrl-C / SIGTERM (`sjc_jax.interrupts`): the step in flight finishes, metrics are flushed up to
-  it, one checkpoint of it is written, and `Interrupted` is raised once the write has ended
-  (further signals wait for it). During the final artifacts the run stops between two of them;
-  the checkpoint of the last step exists already.
-* A non-finite grid raises `NonFiniteError`; only finite states are checkpointed, so the last
-  checkpoint stays good.
-* A full disk raises `DiskFullError`; a checkpoint becomes visible only once complete and old
-  ones are pruned only after a new one is, so the last good checkpoint is kept.
-* Resume (`run(..., resume=True)`) restores the newest checkpoint that passes validation (it is
-  read whole, and must hold its own step and a finite grid), moving unusable ones aside with one
-  warning line; with none usable, the run restarts from step 0 (a run is a pure function of its
-  seed). ``metrics.jsonl`` is cut back to the restored step. The final grid is bitwise that of an
-  uninterrupted run.
+Faults (`sjc_jax.engine`): Ctrl-C / SIGTERM finish the step in flight, checkpoint it and raise
+`Interrupted` (during the final artifacts the run stops between two of them); a non-finite grid
+raises `NonFiniteError` (only finite states are checkpointed); a full disk raises
+`DiskFullError`, the last good checkpoint kept. Resume restores the newest checkpoint that passes
+validation (with none usable, the run restarts from step 0: a run is a pure function of its
+seed) and cuts ``metrics.jsonl`` back to it. The final grid is bitwise that of an uninterrupted
+run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -54,31 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from sjc_jax import checkpoint, files, interrupts, resources, rundir
+from sjc_jax import checkpoint, engine, files, interrupts, resources, rundir
 from sjc_jax.artifacts import Artifacts, read_eval, write_final
 from sjc_jax.config import SJCConfig
 from sjc_jax.devices import accelerator_warning, describe_backend
+from sjc_jax.engine import DiskFullError, Hook, Interrupted, NonFiniteError, run_loop
 from sjc_jax.models import Model, build_model
-from sjc_jax.progress import progress_bar
 from sjc_jax.prompts import short_prompt
 from sjc_jax.rundir import RunError
 from sjc_jax.sjc import TrainState, init_state, make_step, step_function, views_mesh
 from sjc_jax.tensorboard import TensorBoardWriter
-
-
-class NonFiniteError(RunError):
-    """The grid became non-finite; the last good checkpoint is kept."""
-
-
-class Interrupted(RunError):
-    """The run was interrupted (Ctrl-C / SIGTERM); a checkpoint of its last step was written."""
-
-
-class DiskFullError(RunError):
-    """A write failed for lack of space; the last good checkpoint is kept."""
 
 
 def config_to_dict(config: SJCConfig) -> dict[str, Any]:
@@ -106,96 +80,6 @@ def write_board_summary(
             evaluation = {}
     with TensorBoardWriter(out / rundir.TENSORBOARD) as board:
         board.summary(step, config.to_flat(), evaluation)
-
-
-# --- the generic loop ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Hook:
-    """``fn(state)`` after every ``every``-th step of the loop (``fn`` must not keep ``state``:
-    the next step donates its buffers)."""
-
-    every: int
-    fn: Callable[[TrainState], None]
-
-
-def _is_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
-
-
-def run_loop(
-    step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
-    state: TrainState,
-    params: Any,
-    *,
-    end: int,
-    log_every: int,
-    checkpoint_every: int,
-    save: Callable[[TrainState], None],
-    on_metrics: Callable[[list[dict[str, Any]]], None],
-    hooks: Sequence[Hook] = (),
-    bar: Any = None,
-    should_stop: Callable[[], bool] | None = None,
-    start: int | None = None,
-) -> TrainState:
-    """Step ``state`` up to step ``end``; returns the last state.
-
-    Args:
-      step_fn: ``(state, params) -> (state, metrics)`` (donates the state).
-      state: where to start (its ``step``).
-      params: the model's params, the step's second argument.
-      end: the step count to stop at.
-      log_every: metrics are fetched from the device every this many steps and at the end.
-      checkpoint_every: ``save(state)`` every this many steps and at the end.
-      save: writes a checkpoint of a state (called with metrics fetched up to it, before the
-        next step donates the state).
-      on_metrics: receives the fetched records ``{"step": i, name: float, ...}`` in order (a
-        batch of lifts' metrics are lists, one value a lift); raise
-        in it to stop the loop (e.g. `NonFiniteError`).
-      hooks: called after their steps, in order.
-      bar: a progress bar to advance (`sjc_jax.progress`), or None.
-      should_stop: asked after every step (and once before the first); when it answers True the
-        loop flushes the metrics, saves the state (unless just saved) and raises `Interrupted`.
-      start: the state's step, when read from the state is not possible here (a batch of lifts
-        spread over processes); None reads ``state.step``.
-
-    Raises:
-      Interrupted: when ``should_stop()``, after the metrics and the save of the last step.
-    """
-    pending: list[tuple[int, dict]] = []
-    stop = should_stop or (lambda: False)
-
-    def flush() -> None:
-        fetched = jax.device_get(pending)
-        pending.clear()
-        if fetched:
-            on_metrics([{"step": i, **{k: v.tolist() for k, v in m.items()}} for i, m in fetched])
-
-    start = int(state.step) if start is None else start
-    if start < end and stop():
-        raise Interrupted(f"interrupted at step {start}")
-    for i in range(start, end):
-        state, metrics = step_fn(state, params)
-        done = i + 1
-        pending.append((done, metrics))
-        if bar is not None:
-            bar.update()
-        if done % log_every == 0 or done == end:
-            flush()
-        for hook in hooks:
-            if done % hook.every == 0:
-                hook.fn(state)
-        saved = done % checkpoint_every == 0 or done == end
-        if saved:
-            flush()
-            save(state)
-        if done < end and stop():
-            flush()
-            if not saved:
-                save(state)
-            raise Interrupted(f"interrupted at step {done}")
-    return state
 
 
 def _mesh_for(config: SJCConfig):
@@ -245,7 +129,6 @@ def _check_memory(config: SJCConfig, model: Model, size: int, state_kwargs: dict
     shapes = jax.eval_shape(
         lambda: init_state(config, denoiser.channels, background=model.background, **state_kwargs)
     )
-    device = jax.devices()[0]
     needed = resources.estimate(
         config,
         shapes,
@@ -253,12 +136,7 @@ def _check_memory(config: SJCConfig, model: Model, size: int, state_kwargs: dict
         image_size=size,
         devices=1 if mesh is None else mesh.size,
     )
-    resources.check_fits(
-        needed,
-        available=resources.available_bytes(device),
-        resolution=config.render.grid_resolution,
-        where=resources.where(device),
-    )
+    engine.check_memory(needed, resolution=config.render.grid_resolution)
 
 
 def _check_step(config: SJCConfig, model: Model, state_kwargs: dict, choices: dict, mesh) -> None:
@@ -279,48 +157,6 @@ def _check_step(config: SJCConfig, model: Model, state_kwargs: dict, choices: di
     except (TypeError, OverflowError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"the step cannot be built for this config: {first}") from None
-
-
-def _interrupted_before(out: Path, resume: bool) -> str:
-    if resume:
-        return f"interrupted before continuing; continue with --resume {str(out)!r}"
-    return "interrupted before the first step; nothing was written"
-
-
-def _resume_hint(out: Path) -> str:
-    return f"continue with --resume {str(out)!r}"
-
-
-def _last_good(ckpt_dir: Path) -> str:
-    step = checkpoint.latest_step(ckpt_dir)
-    if step is None:
-        return "no checkpoint was written before it"
-    return f"the last good checkpoint (step {step}) is kept in {str(ckpt_dir)!r}"
-
-
-def _restore(ckpt_dir: Path, state: TrainState) -> TrainState:
-    """The newest usable checkpoint (one warning line if others were moved aside), or ``state``."""
-    skipped: list[str] = []
-
-    def check(step: int, restored: TrainState) -> None:
-        if int(restored.step) != step:
-            raise checkpoint.UnusableCheckpoint(
-                f"the checkpoint of step {step} holds step {int(restored.step)}"
-            )
-        if not _is_finite(restored.grid):
-            raise checkpoint.UnusableCheckpoint(f"the checkpoint of step {step} is not finite")
-
-    def on_unusable(step: int, reason: str, moved: Path) -> None:
-        reason = reason if len(reason) <= 160 else reason[:157] + "..."
-        skipped.append(f"{reason}, moved to {str(moved)!r}")
-
-    step, restored = checkpoint.restore_latest_usable(
-        ckpt_dir, state, check=check, on_unusable=on_unusable
-    )
-    if skipped:
-        start = f"from step {step}" if step is not None else "from step 0 (no usable checkpoint)"
-        warnings.warn(f"resuming {start}: {'; '.join(skipped)}", stacklevel=3)
-    return state if restored is None else restored
 
 
 class _NonFinite(Exception):
@@ -374,61 +210,52 @@ def run(
     """
     out = Path(out_dir)
     with interrupts.handling(stop) as stop:
-        try:
-            with stop.immediately():
-                config, write_config = _planned_config(config, out, resume=resume, steps=steps)
-                if model is None:
-                    resources.check_before_build([config])
-                    model = build_model(config)
-                size = config.render.image_size or model.denoiser.resolution
-                state_kwargs = dict(
-                    optimizer=optimizer, estimator=estimator, denoiser=model.denoiser
-                )
-                choices = dict(
-                    estimator=estimator,
-                    camera_sampler=camera_sampler,
-                    sigma_sampler=sigma_sampler,
-                    regularizers=regularizers,
-                    optimizer=optimizer,
-                )
-                mesh = _mesh_for(config)
-                _check_memory(config, model, size, state_kwargs, mesh)
-                _check_step(config, model, state_kwargs, choices, mesh)
-        except KeyboardInterrupt:
-            raise Interrupted(_interrupted_before(out, resume)) from None
-        if stop.requested:  # raised inside the block and swallowed by a library
-            raise Interrupted(_interrupted_before(out, resume))
-        try:
-            with rundir.RunLock(out):
-                # Checked again under the lock: another run may have started here meanwhile.
-                again, _ = _planned_config(
-                    None if resume else config, out, resume=resume, steps=steps, locked=True
-                )
-                if again != config:
-                    raise RunError(f"{str(out)!r} changed while this run was starting; try again")
-                return _run_locked(
-                    config,
-                    out,
-                    write_config=write_config,
-                    resume=resume,
-                    model=model,
-                    size=size,
-                    mesh=mesh,
-                    state_kwargs=state_kwargs,
-                    make_step_kwargs=choices,
-                    progress=progress,
-                    stop_after=stop_after,
-                    stop=stop,
-                    log=log,
-                )
-        except Exception as err:
-            if isinstance(err, RunError) or not files.is_disk_full(err):
-                raise
-            then = _resume_hint(out) if (out / rundir.CONFIG).is_file() else "run it again"
-            raise DiskFullError(
-                f"no space left on the device of {str(out)!r}; "
-                f"{_last_good(out / rundir.CHECKPOINTS)}; free some space and {then}"
-            ) from None
+
+        def plan() -> tuple:
+            planned, write_config = _planned_config(config, out, resume=resume, steps=steps)
+            built = model
+            if built is None:
+                resources.check_before_build([planned])
+                built = build_model(planned)
+            size = planned.render.image_size or built.denoiser.resolution
+            state_kwargs = dict(optimizer=optimizer, estimator=estimator, denoiser=built.denoiser)
+            choices = dict(
+                estimator=estimator,
+                camera_sampler=camera_sampler,
+                sigma_sampler=sigma_sampler,
+                regularizers=regularizers,
+                optimizer=optimizer,
+            )
+            mesh = _mesh_for(planned)
+            _check_memory(planned, built, size, state_kwargs, mesh)
+            _check_step(planned, built, state_kwargs, choices, mesh)
+            return planned, write_config, built, size, state_kwargs, choices, mesh
+
+        config, write_config, model, size, state_kwargs, choices, mesh = engine.prepare(
+            plan, stop, out, resume=resume, command="run"
+        )
+        with engine.owned(out, ckpt_dir=out / rundir.CHECKPOINTS, marker=rundir.CONFIG):
+            # Checked again under the lock: another run may have started here meanwhile.
+            again, _ = _planned_config(
+                None if resume else config, out, resume=resume, steps=steps, locked=True
+            )
+            if again != config:
+                raise RunError(f"{str(out)!r} changed while this run was starting; try again")
+            return _run_locked(
+                config,
+                out,
+                write_config=write_config,
+                resume=resume,
+                model=model,
+                size=size,
+                mesh=mesh,
+                state_kwargs=state_kwargs,
+                make_step_kwargs=choices,
+                progress=progress,
+                stop_after=stop_after,
+                stop=stop,
+                log=log,
+            )
 
 
 def _run_locked(
@@ -457,9 +284,17 @@ def _run_locked(
     denoiser = model.denoiser
     state = init_state(config, denoiser.channels, background=model.background, **state_kwargs)
     step_fn = make_step(config, denoiser, mesh=mesh, **make_step_kwargs)
+    checkpoints = engine.Checkpoints(
+        ckpt_dir,
+        keep=config.run.keep_checkpoints,
+        step_of=lambda state: int(state.step),
+        finite_part=lambda state: state.grid,
+    )
     if resume:
-        state = _restore(ckpt_dir, state)
+        state = checkpoints.restore(state)
         rundir.truncate_metrics(metrics_path, int(state.step))
+        if log is not None:
+            log(engine.resumed_line(int(state.step)))
     total = config.run.steps
     start = int(state.step)
     resumed = {"resumed_from": start} if resume else {}
@@ -476,23 +311,12 @@ def _run_locked(
     artifacts = Artifacts(config, denoiser, size)
     end = total if stop_after is None else min(total, start + stop_after)
     t_start = time.perf_counter()
-    bar = progress_bar(
+    bar = engine.progress(
         total=total,
         initial=start,
         enabled=progress,
         desc=short_prompt(config.model.prompt) if config.model.prompt else denoiser.name,
     )
-    writer = checkpoint.CheckpointWriter(ckpt_dir, keep=config.run.keep_checkpoints)
-
-    def save(state: TrainState) -> None:
-        if not _is_finite(state.grid):
-            return
-        step = int(state.step)
-        if not checkpoint.is_complete(checkpoint.step_directory(ckpt_dir, step)):
-            writer.save(step, state)
-
-    def should_stop() -> bool:
-        return stop.requested
 
     preview_every = max(1, total // config.run.num_previews)
     board = TensorBoardWriter(out / rundir.TENSORBOARD, purge_step=start if resume else None)
@@ -504,7 +328,12 @@ def _run_locked(
 
     previews = Hook(preview_every, preview)
     try:
-        with writer, board, open(metrics_path, "a") as metrics_file:
+        with (
+            engine.stopping(stop, out, "run"),
+            checkpoints,
+            board,
+            open(metrics_path, "a") as metrics_file,
+        ):
 
             def on_metrics(records: list[dict[str, Any]]) -> None:
                 for record in records:
@@ -529,17 +358,15 @@ def _run_locked(
                 end=end,
                 log_every=config.run.log_every,
                 checkpoint_every=config.run.checkpoint_every,
-                save=save,
+                save=checkpoints.save,
                 on_metrics=on_metrics,
                 hooks=(previews,),
                 bar=bar,
-                should_stop=should_stop,
+                should_stop=lambda: stop.requested,
             )
-    except Interrupted as err:
-        raise Interrupted(f"{err} ({stop.name}); {_resume_hint(out)}") from None
     except _NonFinite as err:
         raise NonFiniteError(
-            f"the grid became non-finite at step {err.step}; {_last_good(ckpt_dir)} "
+            f"the grid became non-finite at step {err.step}; {checkpoints.last_good()} "
             "(try a lower --lr)"
         ) from None
     finally:
@@ -550,14 +377,7 @@ def _run_locked(
         return summary
 
     grid = jax.device_get(state.grid)
-
-    def before_part() -> None:
-        if stop.requested:
-            raise Interrupted(
-                f"interrupted while writing the final artifacts at step {total} ({stop.name}); "
-                f"{_resume_hint(out)}"
-            )
-
+    before_part = engine.stop_between_parts(stop, out, "run", total)
     evaluation = write_final(out, grid, artifacts, evaluate=model.evaluate, before_part=before_part)
     write_board_summary(out, total, config, evaluation)
     if model.evaluate is not None:

@@ -11,13 +11,13 @@ Layout of a sweep directory ``OUT``::
     OUT/report.html      the comparison report (`sjc_jax.report`)
 
 `expand` makes the lifts of a grid product (seeds x scenes or prompts x ``--set`` values);
-`run_sweep` runs them with `sjc_jax.sweep.make_batched_step` under the run loop of a single
-run (`runner.run_loop`): same checkpoints, same interruption handling, exact ``resume``.
+`run_sweep` runs them with `sjc_jax.sweep.make_batched_step` on the run engine of a single run
+(`sjc_jax.engine`): same lock, memory check, checkpoints and validated restore, interruption
+and full-disk handling, exact ``resume``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import time
@@ -28,20 +28,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from sjc_jax import checkpoint, files, interrupts, report, resources, rundir, sweep
+from sjc_jax import engine, files, interrupts, report, resources, rundir, sweep
 from sjc_jax.artifacts import Artifacts, write_final
 from sjc_jax.config import SJCConfig
-from sjc_jax.models import build_model
-from sjc_jax.progress import progress_bar
+from sjc_jax.engine import Hook, NonFiniteError, run_loop
+from sjc_jax.models import Model, build_model
 from sjc_jax.rundir import RunError
-from sjc_jax.runner import (
-    Hook,
-    Interrupted,
-    NonFiniteError,
-    config_to_dict,
-    run_loop,
-    write_board_summary,
-)
+from sjc_jax.runner import config_to_dict, write_board_summary
+from sjc_jax.sjc import init_state
 from sjc_jax.tensorboard import TensorBoardWriter
 
 PLAN = "plan.json"
@@ -103,7 +97,8 @@ def expand(
 
 
 def _check_new(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """``out`` is missing or empty (but for its lock)."""
+    if out.exists() and (not out.is_dir() or any(p.name != rundir.LOCK for p in out.iterdir())):
         raise RunError(f"--out {str(out)!r} exists and is not an empty directory")
 
 
@@ -197,6 +192,65 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _check_memory(configs: Sequence[SJCConfig], built: Sequence[Model], mesh, choices) -> None:
+    """Refuse (one line) a batch whose states and steps cannot fit on one device."""
+    base = sweep.base_config(configs)
+    denoiser = built[0].denoiser
+    shapes = jax.eval_shape(
+        lambda: init_state(
+            base,
+            denoiser.channels,
+            background=built[0].background,
+            estimator=choices.get("estimator"),
+            optimizer=choices.get("optimizer"),
+            denoiser=denoiser,
+        )
+    )
+    lift_devices = 1 if mesh is None else mesh.shape["lifts"]
+    view_devices = 1 if mesh is None else mesh.shape["views"]
+    one = resources.estimate(
+        base,
+        shapes,
+        channels=denoiser.channels,
+        image_size=base.render.image_size or denoiser.resolution,
+        devices=view_devices,
+    )
+    per_device = -(-len(configs) // lift_devices)
+    needed = resources.MemoryEstimate(state=per_device * one.state, step=per_device * one.step)
+    engine.check_memory(needed, resolution=base.render.grid_resolution)
+
+
+def _plan(lifts, out: Path, *, resume: bool, choices: dict) -> tuple:
+    """The lifts, their models and the mesh, every check made; nothing written."""
+    if jax.process_index() == 0:
+        rundir.check_free(out)  # a sweep running here: refused before anything is built
+    if resume:
+        lifts = _read_plan(out)
+    else:
+        if not lifts:
+            raise ValueError("a sweep needs at least one lift")
+        if jax.process_index() == 0:
+            _check_new(out)
+    configs = [c for _, _, c in lifts]
+    base = sweep.base_config(configs)
+    sweep.varying_fields(configs)  # refuse a batch that cannot share one step, before writing
+    if not resume:  # bad scenes and sizes that cannot fit, before the models are built
+        resources.check_before_build(configs)
+    built = [build_model(c) for c in configs]
+    denoiser = built[0].denoiser
+    for m in built[1:]:
+        d = m.denoiser
+        if (d.channels, d.resolution, d.feature_space) != (
+            denoiser.channels,
+            denoiser.resolution,
+            denoiser.feature_space,
+        ):
+            raise ValueError("the lifts of a sweep need one model (same channels and resolution)")
+    mesh = sweep.sweep_mesh(len(configs), base.run.views_per_step)
+    _check_memory(configs, built, mesh, choices)
+    return lifts, built, mesh
+
+
 def run_sweep(
     lifts: Sequence[tuple[str, dict[str, Any], SJCConfig]] | None,
     out: str | Path,
@@ -220,38 +274,44 @@ def run_sweep(
     first process writes ``plan.json``, ``sweep.json`` and ``report.html``, and all of them
     write the checkpoints together (orbax). ``out`` must then be one shared directory.
 
+    Everything around the steps is `sjc_jax.engine`'s, as for a run: validation, the models and
+    the memory check before anything is written, the directory's lock (held by the first
+    process), checkpoints and their validated restore, stop requests and the full disk.
+
     Returns the summary ``{"lifts": N, "steps", "seconds", "out", "sweep": path}``.
 
     Raises:
-      RunError / ValueError: one line (bad directory, a batch that cannot share a step).
+      RunError / ValueError: one line (bad directory, a batch that cannot share a step, a batch
+        that cannot fit).
       Interrupted: a stop request was served (state checkpointed; ``--resume`` continues).
       NonFiniteError: a lift's grid became non-finite.
+      DiskFullError: a write failed for lack of space (the last good checkpoint kept).
     """
     out = Path(out)
-    stop = stop or interrupts.StopRequest()
     primary = jax.process_index() == 0
-    if resume:
-        lifts = _read_plan(out)
-    else:
-        if not lifts:
-            raise ValueError("a sweep needs at least one lift")
-        if primary:
-            _check_new(out)
-    configs = [c for _, _, c in lifts]
-    sweep.varying_fields(configs)  # refuse a batch that cannot share one step, before writing
-    if not resume:  # bad scenes and sizes that cannot fit, before plan.json is written
-        resources.check_before_build(configs)
-    _sync("sweep-checked")
-    # The first process holds the directory's lock for the sweep, and alone shows progress.
-    lock = rundir.RunLock(out) if primary else contextlib.nullcontext()
-    with lock:
-        return _run_locked(lifts, out, resume=resume, progress=progress and primary, stop=stop,
-                           log=log if primary else None, stop_after=stop_after,
-                           choices=choices)  # fmt: skip
+    with interrupts.handling(stop) as stop:
+        lifts, built, mesh = engine.prepare(
+            lambda: _plan(lifts, out, resume=resume, choices=choices),
+            stop,
+            out,
+            resume=resume,
+            command="sweep",
+        )
+        _sync("sweep-checked")
+        # The first process holds the directory's lock for the sweep, and alone shows progress.
+        with engine.owned(
+            out, ckpt_dir=out / rundir.CHECKPOINTS, marker=PLAN, command="sweep", lock=primary
+        ):
+            if primary and not resume:
+                _check_new(out)  # again under the lock: another sweep may have started here
+            return _run_locked(lifts, out, built=built, mesh=mesh, resume=resume,
+                               progress=progress and primary, stop=stop,
+                               log=log if primary else None, stop_after=stop_after,
+                               choices=choices)  # fmt: skip
 
 
 def _run_locked(
-    lifts, out: Path, *, resume, progress, stop, log, stop_after, choices
+    lifts, out: Path, *, built, mesh, resume, progress, stop, log, stop_after, choices
 ) -> dict[str, Any]:
     names = [n for n, _, _ in lifts]
     configs = [c for _, _, c in lifts]
@@ -268,16 +328,7 @@ def _run_locked(
         )
     _sync("sweep-planned")
 
-    built = [build_model(c) for c in configs]
     denoiser = built[0].denoiser
-    for m in built[1:]:
-        d = m.denoiser
-        if (d.channels, d.resolution, d.feature_space) != (
-            denoiser.channels,
-            denoiser.resolution,
-            denoiser.feature_space,
-        ):
-            raise ValueError("the lifts of a sweep need one model (same channels and resolution)")
     params, axes = sweep.stack([m.denoiser.params for m in built])
     state = sweep.init_batched_state(
         configs,
@@ -287,7 +338,6 @@ def _run_locked(
         optimizer=choices.get("optimizer"),
         denoiser=denoiser,
     )
-    mesh = sweep.sweep_mesh(len(configs), base.run.views_per_step)
     step_fn = sweep.make_batched_step(configs, denoiser, axes, mesh=mesh, **choices)
     state, params = _place(mesh, state, params, axes)
     mine = sorted(_local_lifts(state.step, len(configs)))  # the lifts on this process
@@ -297,11 +347,18 @@ def _run_locked(
         if not (d / rundir.CONFIG).exists():
             files.write_json(d / rundir.CONFIG, config_to_dict(configs[i]))
     ckpt_dir = out / rundir.CHECKPOINTS
+    checkpoints = engine.Checkpoints(
+        ckpt_dir,
+        keep=base.run.keep_checkpoints,
+        step_of=_local_step,
+        finite_part=lambda state: _local_lifts(state.grid, len(configs)),
+    )
     if resume:
-        _, restored = checkpoint.restore_latest_usable(ckpt_dir, state)
-        state = state if restored is None else restored
+        state = checkpoints.restore(state)
         for d in dirs.values():
             rundir.truncate_metrics(d / rundir.METRICS, _local_step(state))
+        if log is not None:
+            log(engine.resumed_line(_local_step(state)))
 
     total = base.run.steps
     start = _local_step(state)
@@ -312,16 +369,12 @@ def _run_locked(
         log(f"sweep of {len(configs)} lifts on {shape}{procs}")
     size = base.render.image_size or denoiser.resolution
     artifacts = Artifacts(base, denoiser, size)
-    writer = checkpoint.CheckpointWriter(ckpt_dir, keep=base.run.keep_checkpoints)
     boards = {i: TensorBoardWriter(d / rundir.TENSORBOARD, purge_step=start if resume else None)
               for i, d in dirs.items()}  # fmt: skip
     metric_files = {i: open(d / rundir.METRICS, "a") for i, d in dirs.items()}
-    bar = progress_bar(total=total, initial=start, enabled=progress, desc=f"sweep x{len(configs)}")
-
-    def save(state) -> None:
-        step = _local_step(state)
-        if not checkpoint.is_complete(checkpoint.step_directory(ckpt_dir, step)):
-            writer.save(step, state)
+    bar = engine.progress(
+        total=total, initial=start, enabled=progress, desc=f"sweep x{len(configs)}"
+    )
 
     def on_metrics(records: list[dict[str, Any]]) -> None:
         for record in records:
@@ -335,7 +388,7 @@ def _run_locked(
                         f.flush()
                     raise NonFiniteError(
                         f"lift {names[i]!r}: the grid became non-finite at step "
-                        f"{record['step']} (try a lower --lr for it)"
+                        f"{record['step']}; {checkpoints.last_good()} (try a lower --lr for it)"
                     )
         for f in metric_files.values():
             f.flush()
@@ -348,7 +401,7 @@ def _run_locked(
 
     t_start = time.perf_counter()
     try:
-        with writer:
+        with engine.stopping(stop, out, "sweep"), checkpoints:
             state = run_loop(
                 step_fn,
                 state,
@@ -356,17 +409,13 @@ def _run_locked(
                 end=end,
                 log_every=base.run.log_every,
                 checkpoint_every=base.run.checkpoint_every,
-                save=save,
+                save=checkpoints.save,
                 on_metrics=on_metrics,
                 hooks=(Hook(max(1, total // base.run.num_previews), preview),),
                 bar=bar,
                 should_stop=lambda: stop.requested,
                 start=start,
             )
-    except Interrupted as err:
-        raise Interrupted(
-            f"{err} ({stop.name}); continue with: python -m sjc_jax sweep --resume {out}"
-        ) from None
     finally:
         bar.close()
         for f in metric_files.values():
@@ -380,12 +429,9 @@ def _run_locked(
         return summary
 
     rows = []
+    before_part = engine.stop_between_parts(stop, out, "sweep", total)
     for i, grid in _local_lifts(state.grid, len(configs)).items():
-        if stop.requested:
-            raise Interrupted(
-                f"interrupted while writing the final artifacts ({stop.name}); continue with: "
-                f"python -m sjc_jax sweep --resume {out}"
-            )
+        before_part()
         evaluation = write_final(dirs[i], grid, artifacts, evaluate=built[i].evaluate)
         write_board_summary(dirs[i], total, configs[i], evaluation)
         records = rundir.read_metrics(dirs[i] / rundir.METRICS)

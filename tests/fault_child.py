@@ -6,7 +6,9 @@
   raises tensorstore's error (a ValueError whose text carries ``os_error_code='28'``);
 * ``file:NAME:K``: the K-th atomic write of a file named NAME (``grid.npz``, ``view.png``,
   ``eval.json``, ...) raises ``OSError(ENOSPC)`` after creating its temporary file;
-* ``metrics:K``: the K-th write to ``metrics.jsonl`` raises ``OSError(ENOSPC)``.
+* ``metrics:K``: the K-th write to ``metrics.jsonl`` raises ``OSError(ENOSPC)``;
+* ``stop:K``: a stop request (as SIGINT's) right after the K-th checkpoint save completes (a
+  deterministic interruption: the command checkpoints nothing more and exits 130).
 
 Signals are installed first, as ``python -m sjc_jax`` does. Used by ``tests/test_faults.py``
 where no tiny file system can be mounted.
@@ -16,6 +18,7 @@ import builtins
 import contextlib
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +29,7 @@ _restore = interrupts.install(_stop)
 
 import orbax.checkpoint as ocp  # noqa: E402
 
-from sjc_jax import files  # noqa: E402
+from sjc_jax import checkpoint, files  # noqa: E402
 from sjc_jax.cli import main  # noqa: E402
 
 
@@ -106,6 +109,18 @@ def _install(spec: str) -> None:
             return f
 
         builtins.open = failing_open
+    elif kind == "stop":
+        target, count = int(rest), [0]
+        writer_save = checkpoint.CheckpointWriter.save
+
+        def stopping_save(self, step, state):
+            path = writer_save(self, step, state)
+            count[0] += 1
+            if count[0] == target:
+                _stop.request(signal.SIGINT)
+            return path
+
+        checkpoint.CheckpointWriter.save = stopping_save
     elif spec:
         raise SystemExit(f"unknown SJC_FAULT {spec!r}")
 

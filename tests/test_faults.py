@@ -48,7 +48,8 @@ FLAGS = [
     "--num-previews", "3", "--views-per-step", "2", "--checkpoint-every", "20",
     "--log-every", "7", "--keep-checkpoints", "2", "--no-progress",
 ]  # fmt: skip
-TIMEOUT = 300
+# Seconds a process may take; raise it on a loaded machine (SJC_FAULT_TIMEOUT=1200).
+TIMEOUT = int(os.environ.get("SJC_FAULT_TIMEOUT", "300"))
 
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
@@ -162,7 +163,7 @@ class Result:
         return json.loads(lines[-1]) if lines else None
 
 
-def launch(cmd, out: Path, fault: Fault | None, cache_dir, **env) -> Result:
+def launch(cmd, out: Path, fault: Fault | None, cache_dir, *, timeout=TIMEOUT, **env) -> Result:
     before = (
         {_key(p) for p in glob.glob(str(out / _PATTERNS[fault.trigger]))}
         if fault and fault.signals and fault.trigger != "time"
@@ -192,7 +193,7 @@ def launch(cmd, out: Path, fault: Fault | None, cache_dir, **env) -> Result:
                     time.sleep(float(sig[1:]))
                 elif proc.poll() is None:
                     proc.send_signal(sig)
-        proc.wait(timeout=TIMEOUT)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -220,8 +221,16 @@ def check_output(result: Result, out: Path, expect: set[int]) -> list[str]:
             problems.append(f"{bad!r} on stderr")
     lines = error_lines(text)
     errors = [x for x in lines if x.startswith("sjc_jax: error:")]
-    # Besides errors and warnings a run prints one note, the backend line (describe_backend).
-    notes = ("sjc_jax: error:", "sjc_jax: warning:", "sjc_jax: JAX ")
+    # Besides errors and warnings a command prints notes: the backend line (describe_backend),
+    # where a resume starts, a sweep's shape, train-model's renders.
+    notes = (
+        "sjc_jax: error:",
+        "sjc_jax: warning:",
+        "sjc_jax: JAX ",
+        "sjc_jax: resuming at step ",
+        "sjc_jax: sweep of ",
+        "sjc_jax: rendered ",
+    )
     others = [x for x in lines if not x.startswith(notes)]
     if result.rc == -signal.SIGKILL:
         return problems + ([f"stray lines {others}"] if others else [])
@@ -235,7 +244,7 @@ def check_output(result: Result, out: Path, expect: set[int]) -> list[str]:
         problems.append(f"not one error line, last: {lines}")
         return problems
     if result.rc == 130 and "nothing was written" not in errors[0]:
-        if f"continue with --resume {str(out)!r}" not in errors[0]:
+        if f" --resume {str(out)!r}" not in errors[0].partition("continue with: ")[2]:
             problems.append(f"no resume command in {errors[0]!r}")
     return problems
 
@@ -604,11 +613,13 @@ def test_corrupt_checkpoints_fall_back(how, interrupted_run, tmp_path, cache_dir
     done = launch(resume_run(out), out, None, cache_dir)
     problems = check_output(done, out, {0})
     warnings = [x for x in error_lines(done.stderr) if "resuming from step" in x]
-    if len(warnings) != 1 or f"resuming from step {start}" not in warnings[0]:
-        problems.append(f"fallback line {warnings}")
+    moved = list((out / "checkpoints").glob("unusable/step_*"))
+    # one warning line per checkpoint skipped (moved aside)
+    if len(warnings) != len(moved) or any(f"from step {start}" not in w for w in warnings):
+        problems.append(f"fallback lines {warnings} for {len(moved)} moved aside")
     if done.summary is None or done.summary.get("resumed_from") != start:
         problems.append(f"summary {done.summary}")
-    if not list((out / "checkpoints").glob("unusable/step_*")):
+    if not moved:
         problems.append("nothing moved aside")
     cases.check(how, problems + compare_with_reference(out, reference))
     cases.assert_all(f"corruption: {how}")

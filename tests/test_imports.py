@@ -16,9 +16,9 @@ layer and those below:
    the config, diffusion/, and the file primitives they read and write with;
 2. models: the model kinds behind ``--model`` (testbed/, learned/ but its trainer) and their
    registry;
-3. run engine and outputs: runs, sweeps and the learned model's training, run directories,
-   checkpoints, locks, stop requests, the memory check, and what runs write (artifacts, export,
-   report, tensorboard);
+3. run engine and outputs: the engine the commands share (``engine``), runs, sweeps and the
+   learned model's training, run directories, checkpoints, locks, stop requests, the memory
+   check, and what runs write (artifacts, export, report, tensorboard);
 4. front ends: the command line and the benchmark.
 """
 
@@ -76,6 +76,7 @@ LAYERS = {
         "sjc_jax.checkpoint",
         "sjc_jax.compile_cache",
         "sjc_jax.devices",
+        "sjc_jax.engine",
         "sjc_jax.export",
         "sjc_jax.interrupts",
         "sjc_jax.learned.train",

@@ -13,10 +13,17 @@ The training directory (``--out``)::
 
     train_config.json   the settings (and the command) of the training
     train.jsonl         one line per ``log_every`` steps: step, loss (mean since the last), lr,
-                        seconds
+                        seconds; at a checkpoint inside a window, a line ``{"step", "window"}``
+                        with the window's losses so far (a resume from that checkpoint goes
+                        on with them, so its log is the uninterrupted one's)
     loss.png            the curves of train.jsonl (loss, lr; `export.save_metrics_plot`)
     checkpoints/        orbax checkpoints of the whole state (`sjc_jax.checkpoint`)
     model/              the trained model directory (`sjc_jax.learned.model`), EMA weights
+    .lock               the directory's lock while a training writes into it
+
+Around the steps this is `sjc_jax.engine`, as for ``run`` and ``sweep``: the lock, the memory
+check, checkpoints and their validated restore, stop requests (exit 130 with the ``--resume``
+command) and the full disk (one line, the last good checkpoint kept).
 
 Resume is exact: every random draw of step s comes from ``fold_in(key(seed), s)`` and the
 renders are deterministic, so a resumed training computes the same steps bit for bit.
@@ -38,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sjc_jax import checkpoint, export, files, interrupts, rundir
+from sjc_jax import engine, export, files, interrupts, resources, rundir
+from sjc_jax.engine import NonFiniteError
 from sjc_jax.learned.data import file_sha256, render_scenes
 from sjc_jax.learned.model import (
     MODEL_PREDICTIONS,
@@ -50,6 +58,7 @@ from sjc_jax.learned.model import (
     token_context,
     unet_output,
 )
+from sjc_jax.rundir import RunError
 
 Array = jax.Array
 
@@ -60,6 +69,8 @@ MODEL = "model"
 LOSS_PLOT = "loss.png"
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "clipped_snr")
 ENTRIES = (TRAIN_CONFIG, LOG, CHECKPOINTS, MODEL, LOSS_PLOT)
+# The key of a train.jsonl line holding the losses of a window still open at a checkpoint.
+WINDOW = "window"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,17 +312,17 @@ def _from_storable(like: dict[str, Any], stored: dict[str, Any]) -> dict[str, An
     return {**stored, "opt_state": jax.tree.unflatten(treedef, leaves)}
 
 
-class TrainInterrupted(ValueError):
-    """Training stopped on request after checkpointing; the message says how to resume."""
+def _check_out(out: Path, resume: bool, *, locked: bool = False) -> None:
+    """``out`` can take a new training (missing or empty but for a lock) or holds one.
 
-
-def _check_out(out: Path, resume: bool) -> None:
+    ``locked``: this process holds ``out``'s lock (the check is repeated under it)."""
     if resume:
         if not (out / TRAIN_CONFIG).is_file():
-            raise ValueError(f"--resume {out}: not a training directory (no {TRAIN_CONFIG})")
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not empty; give a new directory or --resume")
+            raise RunError(f"--resume {out}: not a training directory (no {TRAIN_CONFIG})")
+    elif out.exists() and (not out.is_dir() or any(p.name != rundir.LOCK for p in out.iterdir())):
+        raise RunError(f"--out {out} exists and is not empty; give a new directory or --resume")
+    if not locked:
+        rundir.check_free(out)
 
 
 def check_before_training(config: TrainConfig, model_out: str | os.PathLike | None) -> None:
@@ -320,12 +331,11 @@ def check_before_training(config: TrainConfig, model_out: str | os.PathLike | No
     A ``model_out`` that exists and is not a model directory (`save_model` would refuse it only
     after the whole training), and a training set that cannot fit in the host's memory (the
     renders ``[scenes x views_per_scene, H, W, 3]`` float32 are held on the host and on the
-    device at once).
+    device at once; `engine.check_memory`).
 
     Raises:
       ValueError: one line.
     """
-    from sjc_jax import resources
     from sjc_jax.learned.model import is_model_dir
 
     if model_out is not None:
@@ -336,19 +346,39 @@ def check_before_training(config: TrainConfig, model_out: str | os.PathLike | No
             )
     size = config.architecture.image_size
     needed = 2 * len(config.scenes) * config.views_per_scene * size * size * 3 * 4
-    available = resources.available_bytes(jax.devices()[0])
-    if available is not None and needed > available:
-        raise ValueError(
+    engine.check_memory(
+        resources.MemoryEstimate(state=0, step=0, build=needed),
+        refusal=lambda needed, available: (
             f"the training set needs {needed / 2**30:.1f} GiB ({len(config.scenes)} scenes x "
             f"{config.views_per_scene} views at {size} x {size}) but "
             f"{available / 2**30:.1f} GiB is available; lower --views-per-scene"
-        )
+        ),
+    )
 
 
 def _plot_loss(out: Path, history: list[dict[str, Any]]) -> None:
     """loss.png of the records so far (none yet before the first ``log_every`` steps)."""
     if history:
         export.save_metrics_plot(out / LOSS_PLOT, history, keys=("loss", "lr"))
+
+
+def _planned_config(
+    config: TrainConfig | None, out: Path, *, resume: bool, steps: int | None, command: str | None
+) -> tuple[TrainConfig, str | None]:
+    """The training's config and command (a resume's from ``out``); checks, writes nothing."""
+    _check_out(out, resume)
+    if resume:
+        try:
+            saved = json.loads((out / TRAIN_CONFIG).read_text())
+            config = TrainConfig.from_dict(saved["config"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunError(f"cannot read {str(out / TRAIN_CONFIG)!r}: {err}") from None
+        command = command or saved.get("command")
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
+    elif config is None:
+        raise ValueError("train needs a config (or resume)")
+    return config, command
 
 
 def train(
@@ -366,6 +396,11 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume training) into ``out``; returns a summary dict.
 
+    Everything around the steps is `sjc_jax.engine`'s, as for a run: the checks, the memory
+    check and the training set's renders before anything is written (Ctrl-C there stops at
+    once), the directory's lock, checkpoints and their validated restore, stop requests and the
+    full disk.
+
     Args:
       config: the settings (None with ``resume``: the directory's own).
       out: the training directory (module docstring); new or empty unless ``resume``.
@@ -374,102 +409,170 @@ def train(
       model_out: where the model directory goes (default ``out/model``).
       command: the command line, recorded in the model.
       progress: show the progress (a tqdm bar on a terminal, plain lines elsewhere).
-      stop: a `StopRequest`; when set, the step in flight ends, a checkpoint is written and
-        `TrainInterrupted` is raised.
+      stop: a `StopRequest` (its handlers installed by the caller); None installs SIGINT and
+        SIGTERM handlers for the call. A request ends the step in flight, checkpoints it and
+        raises `engine.Interrupted`.
       stop_after: end after this many steps of this call (checkpointed; for tests).
-      log: receives progress lines.
+      log: receives progress lines (and, on resume, the step it resumed at).
+
+    Raises:
+      RunError: the directory or settings are unsuitable (nothing was written), or
+        `engine.Interrupted`, `engine.NonFiniteError`, `engine.DiskFullError` (resumable).
+      ValueError: a bad scene (nothing was written).
     """
-    from sjc_jax.progress import progress_bar
-
     out = Path(out)
-    _check_out(out, resume)
-    if resume:
-        saved = json.loads((out / TRAIN_CONFIG).read_text())
-        config = TrainConfig.from_dict(saved["config"])
-        command = command or saved.get("command")
-        if steps is not None:
-            config = dataclasses.replace(config, steps=steps)
-    elif config is None:
-        raise ValueError("train needs a config (or resume)")
-    from sjc_jax.testbed import load_scene
-    from sjc_jax.testbed.scenes import list_scenes
+    with interrupts.handling(stop) as stop:
 
-    for spec in config.scenes:  # before any work: an unknown scene or missing file is one line
-        if spec not in list_scenes():
-            load_scene(spec)
-    records = scene_records(config.scenes)
-    out.mkdir(parents=True, exist_ok=True)
+        def plan() -> tuple:
+            from sjc_jax.testbed import load_scene
+            from sjc_jax.testbed.scenes import list_scenes
+
+            planned, cmd = _planned_config(config, out, resume=resume, steps=steps, command=command)
+            for spec in planned.scenes:  # an unknown scene or missing file is one line
+                if spec not in list_scenes():
+                    load_scene(spec)
+            check_before_training(planned, model_out)
+            records = scene_records(planned.scenes)
+            t0 = time.perf_counter()
+            training_set = render_training_set(planned, log=log)
+            return planned, cmd, records, training_set, time.perf_counter() - t0
+
+        config, command, records, training_set, render_seconds = engine.prepare(
+            plan, stop, out, resume=resume, command="train-model"
+        )
+        with engine.owned(
+            out, ckpt_dir=out / CHECKPOINTS, marker=TRAIN_CONFIG, command="train-model"
+        ):
+            # Checked again under the lock: another training may have started here meanwhile.
+            _check_out(out, resume, locked=True)
+            return _train_locked(
+                config,
+                out,
+                resume=resume,
+                model_out=Path(model_out) if model_out is not None else out / MODEL,
+                command=command,
+                records=records,
+                training_set=training_set,
+                render_seconds=render_seconds,
+                progress=progress,
+                stop=stop,
+                stop_after=stop_after,
+                log=log,
+            )
+
+
+def _train_locked(
+    config: TrainConfig,
+    out: Path,
+    *,
+    resume: bool,
+    model_out: Path,
+    command: str | None,
+    records: list[dict[str, Any]],
+    training_set: tuple[np.ndarray, np.ndarray, np.ndarray],
+    render_seconds: float,
+    progress: bool,
+    stop: interrupts.StopRequest,
+    stop_after: int | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """`train` once the directory is validated and locked."""
     files.write_json(out / TRAIN_CONFIG, {"config": config.to_dict(), "command": command})
-    model_out = Path(model_out) if model_out is not None else out / MODEL
-
-    t0 = time.perf_counter()
-    images, scene_ids, views = render_training_set(config, log=log)
+    images, scene_ids, views = training_set
     data = {
         "images": jnp.asarray(images),
         "scene": jnp.asarray(scene_ids),
         "view": jnp.asarray(views),
     }
-    render_seconds = time.perf_counter() - t0
     state = init_train_state(config)
-    ckpt_dir = out / CHECKPOINTS
-    start = 0
+    checkpoints = engine.Checkpoints(
+        out / CHECKPOINTS,
+        keep=2,
+        step_of=lambda state: int(state["step"]),
+        finite_part=lambda state: state["params"],
+        to_disk=_storable,
+        from_disk=_from_storable,
+    )
     if resume:
-        restored_step, restored = checkpoint.restore_latest_usable(ckpt_dir, _storable(state))
-        if restored is not None:
-            state, start = _from_storable(state, restored), int(restored_step)
+        state = checkpoints.restore(state)
         if log is not None:
-            log(f"resuming at step {start}")
+            log(engine.resumed_line(int(state["step"])))
+    start = int(state["step"])
     log_path = out / LOG
     rundir.truncate_metrics(log_path, start)  # the records after the restored step go
-    history = rundir.read_metrics(log_path)
-    step_fn = make_train_step(config)
-    stop = stop if stop is not None else interrupts.StopRequest()
+    logged = rundir.read_metrics(log_path)
+    history = [record for record in logged if WINDOW not in record]
+    # The losses of the window open at the restored step (its mean is logged when it closes);
+    # taken back into the loop, the line goes.
+    losses: list[float] = []
+    if logged and logged[-1]["step"] == start and WINDOW in logged[-1]:
+        losses = [float(loss) for loss in logged[-1][WINDOW]]
+        rundir.truncate_metrics(log_path, start - 1)
+    train_step = make_train_step(config)
+
+    def step_fn(state, data):
+        state, loss = train_step(state, data)
+        return state, {"loss": loss}
+
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     schedule = lr_schedule(config)
-    bar = progress_bar(total=config.steps, initial=start, enabled=progress, desc="train-model")
-    pending: list[Array] = []
+    bar = engine.progress(total=config.steps, initial=start, desc="train-model", enabled=progress)
     t_loop = time.perf_counter()
-    step = start
-    with checkpoint.CheckpointWriter(ckpt_dir, keep=2) as writer, open(log_path, "a") as log_file:
 
-        def save() -> None:
-            if not checkpoint.is_complete(checkpoint.step_directory(ckpt_dir, step)):
-                writer.save(step, _storable(state))
+    def save(state) -> None:
+        if losses:  # before the checkpoint: a resume from it finds them
+            log_file.write(json.dumps({"step": int(state["step"]), WINDOW: losses}) + "\n")
+            log_file.flush()
+        checkpoints.save(state)
+        _plot_loss(out, history)
 
-        while step < end:
-            state, loss = step_fn(state, data)
-            step += 1
-            pending.append(loss)
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                mean = float(np.mean(np.asarray(jnp.stack(pending))))
-                pending = []
-                if not np.isfinite(mean):
-                    raise ValueError(
-                        f"training loss became {mean} at step {step}; lower --lr and train again"
-                    )
-                record = {
-                    "step": step,
-                    "loss": mean,
-                    "lr": float(schedule(step - 1)),
-                    "seconds": round(time.perf_counter() - t_loop, 3),
-                }
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                history.append(record)
-                bar.set_postfix(loss=f"{mean:.4f}")
-            if step % config.checkpoint_every == 0 or step == end:
-                save()
-                _plot_loss(out, history)
-            if stop.requested and step < end:
-                save()
-                _plot_loss(out, history)
-                bar.close()
-                raise TrainInterrupted(
-                    f"training interrupted at step {step} (checkpointed); continue with: "
-                    f"python -m sjc_jax train-model --resume {out}"
-                )
-    bar.close()
+    try:
+        with (
+            engine.stopping(stop, out, "train-model"),
+            checkpoints,
+            open(log_path, "a") as log_file,
+        ):
+
+            def on_metrics(fetched: list[dict[str, Any]]) -> None:
+                for record in fetched:
+                    losses.append(record["loss"])
+                    step = record["step"]
+                    if step % config.log_every and step != config.steps:
+                        continue
+                    mean = float(np.mean(np.asarray(losses, np.float32)))
+                    losses.clear()
+                    if not np.isfinite(mean):
+                        raise NonFiniteError(
+                            f"the training loss became {mean} at step {step}; "
+                            f"{checkpoints.last_good()} (lower --lr)"
+                        )
+                    line = {
+                        "step": step,
+                        "loss": mean,
+                        "lr": float(schedule(step - 1)),
+                        "seconds": round(time.perf_counter() - t_loop, 3),
+                    }
+                    log_file.write(json.dumps(line) + "\n")
+                    log_file.flush()
+                    history.append(line)
+                    bar.set_postfix(loss=f"{mean:.4f}")
+
+            state = engine.run_loop(
+                step_fn,
+                state,
+                data,
+                end=end,
+                log_every=config.log_every,
+                checkpoint_every=config.checkpoint_every,
+                save=save,
+                on_metrics=on_metrics,
+                bar=bar,
+                should_stop=lambda: stop.requested,
+                start=start,
+            )
+    finally:
+        bar.close()
+    step = int(state["step"])
     loop_seconds = time.perf_counter() - t_loop
     summary = {
         "steps": step,
@@ -477,6 +580,7 @@ def train(
         "render_seconds": round(render_seconds, 1),
         "train_seconds": round(loop_seconds, 1),
         "final_loss": history[-1]["loss"] if history else None,
+        **({"resumed_from": start} if resume else {}),
     }
     if step < config.steps:
         return {**summary, "finished": False}
