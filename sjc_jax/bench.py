@@ -82,19 +82,23 @@ def _random_params(shapes: Any, dtype: Any) -> Any:
     """Random weights of the given shapes: kernels ~ N(0, 1 / fan_in), norm scales 1, biases 0.
 
     Cheaper than compiling the model's own initialiser (minutes for SD's UNet on a GPU, where
-    XLA autotunes it), and as good for timing: same shapes, finite activations.
+    XLA autotunes it), and as good for timing: same shapes, finite activations. One normal
+    vector is drawn and cut into the kernels on the host: a draw per leaf compiled a sampler
+    per distinct shape (26 s of CPU for the tests' tiny UNet, 0.6 s this way).
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    out = []
-    for key, (path, leaf) in zip(keys, leaves, strict=True):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if len(leaf.shape) >= 2:
+    sizes = [int(np.prod(leaf.shape)) if len(leaf.shape) >= 2 else 0 for _, leaf in leaves]
+    flat = np.asarray(jax.random.normal(jax.random.key(0), (max(sum(sizes), 1),), jnp.float32))
+    out, start = [], 0
+    for (path, leaf), size in zip(leaves, sizes, strict=True):
+        if size:
             fan_in = int(np.prod(leaf.shape[:-1]))
-            value = jax.random.normal(key, leaf.shape, jnp.float32) * fan_in**-0.5
+            value = flat[start : start + size].reshape(leaf.shape) * np.float32(fan_in**-0.5)
+            start += size
         else:
-            value = jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
-        out.append(value.astype(dtype))
+            name = str(getattr(path[-1], "key", path[-1]))
+            value = np.full(leaf.shape, 1.0 if name == "scale" else 0.0, np.float32)
+        out.append(jnp.asarray(value, dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

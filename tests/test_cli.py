@@ -23,6 +23,17 @@ def run_cli(*args, env_extra=None):
     )
 
 
+def run_in_process(capfd, *args):
+    """`cli.main` in this process, with everything written to file descriptor 2 while it runs
+    (Python's stderr, logging, native libraries). The fresh process's side of these error paths
+    (import-time output, ``python -m sjc_jax``'s exit code) is `run_cli`'s, in
+    test_missing_model_offline (a diffusion model) and test_resume_nothing (a run directory);
+    in process each case costs no JAX and diffusers import of its own."""
+    capfd.readouterr()
+    code = cli.main(list(args))
+    return subprocess.CompletedProcess(args, code, *capfd.readouterr())
+
+
 def assert_one_line_error(result, code=2, match=None):
     assert result.returncode == code, result.stderr
     lines = [x for x in result.stderr.splitlines() if x.strip()]
@@ -66,8 +77,9 @@ def test_missing_model_offline(tmp_path):
     assert_one_line_error(result, match="no-such-org/no-such-model")
 
 
-def test_missing_local_model_dir(tmp_path):
-    result = run_cli(
+def test_missing_local_model_dir(tmp_path, capfd):
+    result = run_in_process(
+        capfd,
         "run",
         "--prompt",
         "a cat",
@@ -79,18 +91,25 @@ def test_missing_local_model_dir(tmp_path):
     assert_one_line_error(result)
 
 
-def test_empty_prompt(tiny_sd_eps, tmp_path):
-    result = run_cli(
-        "run", "--prompt", "  ", "--model", str(tiny_sd_eps), "--out", str(tmp_path / "r")
+def test_empty_prompt(tiny_sd_eps, tmp_path, capfd):
+    result = run_in_process(
+        capfd, "run", "--prompt", "  ", "--model", str(tiny_sd_eps), "--out", str(tmp_path / "r")
     )
     assert_one_line_error(result, match="prompt")
 
 
-def test_unwritable_output_dir(tiny_sd_eps, tmp_path):
+def test_unwritable_output_dir(tiny_sd_eps, tmp_path, capfd):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = run_cli(
-        "run", "--prompt", "a cat", "--model", str(tiny_sd_eps), "--out", str(blocker / "run")
+    result = run_in_process(
+        capfd,
+        "run",
+        "--prompt",
+        "a cat",
+        "--model",
+        str(tiny_sd_eps),
+        "--out",
+        str(blocker / "run"),
     )
     assert_one_line_error(result, match="cannot write to output directory")
 
