@@ -37,11 +37,6 @@ def grid_feature_space(denoiser_space: str, feature_activation: str) -> str:
     )
 
 
-def feature_activation_of(feature_space: str) -> str:
-    """The renderer's ``feature_activation`` that shows a grid file of ``feature_space``."""
-    return "sigmoid" if feature_space == "rgb-logit" else "none"
-
-
 def _check_grid_arrays(arrays: dict, source: str) -> tuple[VoxelGrid, np.ndarray, str]:
     """Validate grid-file arrays; returns (float32 grid, float64 aabb [2, 3], feature_space)."""
 

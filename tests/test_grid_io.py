@@ -147,8 +147,6 @@ def test_rgb_logit_grids_and_their_activation(grids, tmp_path):
     assert grid_io.grid_feature_space("sd-latent", "none") == "sd-latent"
     with pytest.raises(ValueError, match="applies to RGB models"):
         grid_io.grid_feature_space("sd-latent", "sigmoid")
-    assert grid_io.feature_activation_of("rgb-logit") == "sigmoid"
-    assert grid_io.feature_activation_of("rgb") == "none"
     grid = grids["duck"]
     logits = grid.replace(features=jnp.log(grid.features + 0.05) - jnp.log(1.05 - grid.features))
     path = tmp_path / "lift.npz"
